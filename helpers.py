@@ -58,6 +58,8 @@ class Config:
     # data
     image_size: int = 512  # square side for detection and segmentation
     cls_image_size: int = 224  # Imagenette-160 images are small: 224 keeps the ImageNet statistics of the backbone
+    crop_scale_min: float = 0.3  # training scale jitter: random crops keep at least this fraction of the area
+    zoom_out_p: float = 0.3  # probability of shrinking the image onto a larger canvas first (small objects)
     det_classes: list[str] | None = None  # None: all categories if <= 10, else the 10 with most train boxes
     num_det_classes: int = 10
     # schedule: epochs per task (stage and single-task baseline alike)
@@ -115,7 +117,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     # Embedded synthetic data, tiny images, CPU, the whole pipeline in about a minute (tests, nbval, CI).
     "smoke": dict(out_dir="runs/smoke", synthetic=True, download=False, backbone="efficientnet-lite0",
                   image_size=96, cls_image_size=64, batch_size=8, neck_channels=48, head_channels=48,
-                  epochs={"seg": 4, "det": 6, "cls": 3}, lr=3e-3, backbone_lr=1e-3, replay_per_task=4,
+                  epochs={"seg": 8, "det": 16, "cls": 6}, lr=3e-3, backbone_lr=1e-3, replay_per_task=4,
                   warmup_epochs=0.5, num_workers=0, eval_every=1, checkpoint_every=2, latency_runs=5),
 }
 
@@ -143,29 +145,33 @@ def default_profile() -> str:
     return "full" if torch.cuda.is_available() else "smoke"
 
 
-def make_config(profile: str | None = None, **overrides) -> Config:
-    """Profile defaults, then keyword overrides, then UNIHEAD_* environment variables.
+def _layer(base: dict, new: dict) -> None:
+    """Update base with new; a dict field given as a partial dict updates only the keys it names."""
+    for key, value in new.items():
+        if key not in base:
+            raise ValueError(f"unknown config field {key!r}")
+        if isinstance(base[key], dict) and isinstance(value, dict):
+            value = {**base[key], **value}
+        if isinstance(base[key], tuple) and isinstance(value, list):
+            value = tuple(value)
+        base[key] = value
 
-    `UNIHEAD_PROFILE=quick`, `UNIHEAD_EPOCHS='{"seg": 2, "det": 2, "cls": 1}'`, `UNIHEAD_DATA_ROOT=...`.
-    A dict field given as a partial dict (epochs, kd_weight) updates only the keys it names."""
-    profile = os.environ.get(_ENV_PREFIX + "PROFILE") or profile or default_profile()
+
+def make_config(profile: str | None = None, **overrides) -> Config:
+    """Config defaults < the profile < UNIHEAD_* environment variables < keyword overrides (None = not given).
+
+    `UNIHEAD_PROFILE=quick`, `UNIHEAD_EPOCHS='{"det": 40}'` (JSON; partial dicts update only their keys),
+    `UNIHEAD_DATA_ROOT=...`. The profile itself: the argument, else UNIHEAD_PROFILE, else `default_profile()`."""
+    profile = profile or os.environ.get(_ENV_PREFIX + "PROFILE") or default_profile()
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
-    cfg = Config(profile=profile)
-    merged = {**PROFILES[profile], **{k: v for k, v in overrides.items() if v is not None}}
-    for f in dataclasses.fields(Config):
-        env = os.environ.get(_ENV_PREFIX + f.name.upper())
-        if env is not None and f.name != "profile":
-            merged[f.name] = _coerce(env, getattr(cfg, f.name))
-    for key, value in merged.items():
-        if not hasattr(cfg, key):
-            raise ValueError(f"unknown config field {key!r}")
-        current = getattr(cfg, key)
-        if isinstance(current, dict) and isinstance(value, dict):
-            value = {**current, **value}
-        if isinstance(current, tuple) and isinstance(value, list):
-            value = tuple(value)
-        setattr(cfg, key, value)
+    fields = Config(profile=profile).to_dict()
+    _layer(fields, PROFILES[profile])
+    env = {f.name: _coerce(os.environ[_ENV_PREFIX + f.name.upper()], fields[f.name])
+           for f in dataclasses.fields(Config) if f.name != "profile" and _ENV_PREFIX + f.name.upper() in os.environ}
+    _layer(fields, env)
+    _layer(fields, {k: v for k, v in overrides.items() if v is not None})
+    cfg = Config(**fields)
     if cfg.replay_per_task > 10:
         raise ValueError(f"replay_per_task={cfg.replay_per_task}: the assignment allows at most 10 images per task per step")
     if cfg.strategy not in {"full", "naive"}:
@@ -601,7 +607,8 @@ NORMALIZATION = {  # (mean, std) each backbone's ImageNet weights were trained w
 }
 
 
-def make_transform(task: str, size: int, train: bool, backbone: str = "efficientnet-b0"):
+def make_transform(task: str, size: int, train: bool, backbone: str = "efficientnet-b0",
+                   crop_scale_min: float = 0.3, zoom_out_p: float = 0.3):
     """Training: square resize, zoom-out/crop scale jitter, flip, colour jitter (classification: random
     resized crop). Evaluation: deterministic square resize (classification: resize + centre crop).
     Boxes (tv_tensors.BoundingBoxes) and masks (tv_tensors.Mask, filled with 255 = ignore) follow the image."""
@@ -617,8 +624,8 @@ def make_transform(task: str, size: int, train: bool, backbone: str = "efficient
         ops = [v2.Resize((size, size), antialias=True)]
         if train:
             fill = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX, "others": 0}
-            ops += [v2.RandomZoomOut(fill=fill, side_range=(1.0, 1.6), p=0.3),
-                    v2.RandomResizedCrop(size, scale=(0.3, 1.0), ratio=(0.75, 1.333), antialias=True),
+            ops += [v2.RandomZoomOut(fill=fill, side_range=(1.0, 1.6), p=zoom_out_p),
+                    v2.RandomResizedCrop(size, scale=(crop_scale_min, 1.0), ratio=(0.75, 1.333), antialias=True),
                     v2.RandomHorizontalFlip(), v2.ColorJitter(0.3, 0.3, 0.3, 0.02)]
             if task == "det":
                 ops.append(v2.SanitizeBoundingBoxes(min_size=2.0))
@@ -644,10 +651,10 @@ class TaskDataset(torch.utils.data.Dataset):
     """Serves transformed samples from a TaskData held in memory (no file I/O per step)."""
 
     def __init__(self, data: TaskData, size: int, train: bool, backbone: str = "efficientnet-b0",
-                 stride: int = 8, indices: Sequence[int] | None = None):
+                 stride: int = 8, indices: Sequence[int] | None = None, **augment):
         self.data, self.size, self.train, self.stride = data, size, train, stride
         self.indices = list(range(len(data))) if indices is None else list(indices)
-        self.transform = make_transform(data.task, size, train, backbone)
+        self.transform = make_transform(data.task, size, train, backbone, **augment)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -699,7 +706,8 @@ def make_loader(data: TaskData, cfg: Config, train: bool, batch_size: int | None
                 indices: Sequence[int] | None = None, generator: torch.Generator | None = None,
                 drop_last: bool | None = None) -> torch.utils.data.DataLoader:
     size = cfg.cls_image_size if data.task == "cls" else cfg.image_size
-    dataset = TaskDataset(data, size, train, cfg.backbone, indices=indices)
+    dataset = TaskDataset(data, size, train, cfg.backbone, indices=indices,
+                          crop_scale_min=cfg.crop_scale_min, zoom_out_p=cfg.zoom_out_p)
     bs = batch_size or cfg.batch_size
     from functools import partial
     return torch.utils.data.DataLoader(
@@ -913,11 +921,14 @@ class EfficientNetBackbone(nn.Module):
         self.drop_connect_rate = net._global_params.drop_connect_rate or 0.0
         self.freeze_bn = freeze_bn
         # the last block of the stride-8 and stride-16 stages: found by shape, for any EfficientNet variant
+        # (in eval mode: a probe in train mode would move the BatchNorm running statistics)
+        self.eval()
         with torch.no_grad():
             x, strides = self.stem(torch.zeros(1, 3, 64, 64)), []
             for block in self.blocks:
                 x = block(x)
                 strides.append(64 // x.shape[-1])
+        self.train()
         self.taps = [max(i for i, s in enumerate(strides) if s == 8), max(i for i, s in enumerate(strides) if s == 16)]
         self.channels = [self.blocks[i]._bn2.num_features for i in self.taps] + [net._bn1.num_features]
 
@@ -1568,6 +1579,7 @@ def train_stage(model: UniHeadNet, task: str, data: dict, cfg: Config, stage_dir
     from tqdm.auto import tqdm
     device = device or next(model.parameters()).device
     stage_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(seed)  # a stage's augmentations and replay draws do not depend on what ran before it
     epochs = int(cfg.epochs[task])
     generator = torch.Generator().manual_seed(seed)
     loader = make_loader(data[task]["train"], cfg, train=True, generator=generator)

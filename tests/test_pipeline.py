@@ -1,0 +1,249 @@
+"""The training engine, end to end on the synthetic smoke profile: artifacts, forgetting matrix, resume,
+replay limit, frozen teacher, frozen BatchNorm statistics, naive-versus-method, and eval.py."""
+import csv
+import hashlib
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import helpers as H
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """Stage 1 alone first (an interrupted run), then the whole pipeline in the same folder (the resume)."""
+    out = tmp_path_factory.mktemp("smoke_run")
+    cfg = H.make_config("smoke", out_dir=str(out))
+    data = H.prepare_data(cfg, verbose=False)
+    first = H.run_sequence(cfg, data, upto=1)
+    stage1 = H.stage_dir(cfg, cfg.strategy, 0)
+    snapshot = {"row": first["matrix"][0], "weights": sha(stage1 / "weights.pt"),
+                "log": (stage1 / "log.csv").read_text(), "mtime": (stage1 / "weights.pt").stat().st_mtime_ns}
+    results = H.run_pipeline(cfg, data)
+    resources = H.write_run_artifacts(cfg, results, data)
+    return {"cfg": cfg, "data": data, "results": results, "first": snapshot, "resources": resources, "out": out}
+
+
+def test_smoke_pipeline_writes_every_artifact(smoke_run):
+    out, cfg, results = smoke_run["out"], smoke_run["cfg"], smoke_run["results"]
+    for name in ("config.json", "metrics.json", "forgetting.csv", "final.pt", "final_metrics.json",
+                 "resources.json", "report.md"):
+        assert (out / name).is_file(), name
+    for fig in ("samples", "forgetting", "curves", "per_class", "predictions"):
+        assert (out / "figures" / f"{fig}.png").stat().st_size > 1000, fig
+    for strategy in ("full", "naive"):
+        for k in range(3):
+            d = H.stage_dir(cfg, strategy, k)
+            assert {"done.json", "weights.pt", "log.csv"} <= {p.name for p in d.iterdir()}, d
+            assert not (d / "last.pt").exists()  # mid-stage checkpoints are removed once a stage is done
+    for task in ("det", "cls"):
+        assert (out / "single_task" / task / "done.json").is_file()
+    # a full forgetting matrix of finite metrics for both strategies
+    for strategy in ("full", "naive"):
+        matrix = results["strategies"][strategy]["matrix"]
+        assert len(matrix) == 3
+        for row in matrix:
+            for key in ("det.map", "det.map50", "seg.miou", "cls.top1"):
+                assert math.isfinite(row[key]) and 0.0 <= row[key] <= 1.0, (strategy, key, row[key])
+    rows = list(csv.DictReader(open(out / "forgetting.csv")))
+    assert len(rows) == 6 and {r["strategy"] for r in rows} == {"full", "naive"}
+    summary = results["summary"]
+    assert len(summary) == 6 and all(isinstance(r["pass"], bool) for r in summary)
+    for r in summary:  # the drop is computed from the matrix, not typed
+        m = results["strategies"][r["strategy"]]["matrix"]
+        k = cfg.order.index(r["task"])
+        assert r["stage_end_baseline"] == m[k][r["metric"]] and r["final"] == m[-1][r["metric"]]
+    assert set(results["single_task"]) == set(H.TASKS)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["meta"]["profile"] == "smoke" and saved["meta"]["synthetic"] is True
+    report = (out / "report.md").read_text()
+    assert "SMOKE RUN ON SYNTHETIC DATA" in report and "R[stage][task]" not in report.split("## Forgetting")[0]
+    assert f"{results['strategies']['full']['matrix'][-1]['seg.miou']:.4f}" in report
+
+
+def test_final_weights_are_self_describing(smoke_run):
+    payload = torch.load(smoke_run["out"] / "final.pt", map_location="cpu", weights_only=False)
+    assert payload["format"] == "unihead-v1"
+    assert payload["det_classes"] == smoke_run["data"]["det"]["train"].class_names
+    assert payload["cls_classes"] == smoke_run["data"]["cls"]["train"].class_names
+    assert payload["config"]["profile"] == "smoke"
+    model, cfg, _ = H.load_checkpoint(smoke_run["out"] / "final.pt")
+    m = H.evaluate(model, {t: smoke_run["data"][t]["val"] for t in H.TASKS}, cfg)
+    assert m["seg.miou"] == pytest.approx(smoke_run["results"]["strategies"]["full"]["matrix"][-1]["seg.miou"])
+
+
+def test_resume_skips_finished_stage_and_keeps_its_results(smoke_run):
+    cfg, first = smoke_run["cfg"], smoke_run["first"]
+    stage1 = H.stage_dir(cfg, cfg.strategy, 0)
+    assert sha(stage1 / "weights.pt") == first["weights"]
+    assert (stage1 / "weights.pt").stat().st_mtime_ns == first["mtime"]
+    assert (stage1 / "log.csv").read_text() == first["log"]
+    assert smoke_run["results"]["strategies"]["full"]["matrix"][0] == first["row"]
+    # the naive sequence shares stage 1 rather than training it again
+    assert smoke_run["results"]["strategies"]["naive"]["matrix"][0] == first["row"]
+
+
+def test_resume_inside_a_stage(tmp_path, synthetic_root):
+    cfg = H.make_config("smoke", out_dir=str(tmp_path), epochs={"seg": 2}, checkpoint_every=1)
+    data = H.load_all(synthetic_root, verbose=False)
+    for td in data.values():
+        td["train"].samples = td["train"].samples[:8]
+    model = H.initial_model(cfg)
+    H.train_stage(model, "seg", data, cfg, tmp_path / "s", seed=1)
+    ckpt = torch.load(tmp_path / "s" / "last.pt", weights_only=False)
+    assert ckpt["epoch"] == 1 and {"model", "optimizer", "scheduler", "config", "history"} <= set(ckpt)
+    # a new process would start from here: the run continues at epoch 2 and keeps epoch 1's log row
+    resumed = H.train_stage(H.initial_model(cfg), "seg", data, cfg, tmp_path / "s", seed=1)
+    assert [r["epoch"] for r in resumed["history"]] == [1, 2]
+    assert resumed["history"][0] == ckpt["history"][0]
+
+
+def test_replay_never_exceeds_the_limit(synthetic_root):
+    data = H.load_all(synthetic_root, verbose=False)
+    cfg = H.make_config("smoke", replay_per_task=10, batch_size=4)
+    sampler = H.ReplaySampler({t: data[t]["train"] for t in ("seg", "det")}, ("seg", "det"), cfg, seed=0)
+    for _ in range(5):
+        batches = sampler.next()
+        assert set(batches) == {"seg", "det"}
+        assert all(b["image"].shape[0] <= 10 for b in batches.values())
+    with pytest.raises(ValueError, match="at most 10"):
+        H.make_config("smoke", replay_per_task=11)
+    off = H.ReplaySampler({"seg": data["seg"]["train"]}, ("seg",), H.make_config("smoke", replay_per_task=0), seed=0)
+    assert off.next() == {}
+
+
+def test_teacher_never_changes_and_frozen_bn_statistics_do_not_move(smoke_run, tmp_path):
+    cfg, data = smoke_run["cfg"], smoke_run["data"]
+    model = H.initial_model(cfg)
+    model.load_state_dict(torch.load(H.stage_dir(cfg, "full", 0) / "weights.pt", weights_only=False)["model"])
+    teacher = H.freeze_teacher(model)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    bn_before = {k: v.clone() for k, v in model.backbone.state_dict().items() if "running" in k}
+    short = H.Config(**{**cfg.to_dict(), "epochs": {**cfg.epochs, "det": 1}})
+    H.train_stage(model, "det", data, short, tmp_path / "det", earlier=["seg"], teacher=teacher, replay=True)
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    moved = [k for k, v in model.backbone.state_dict().items() if "running" in k and not torch.equal(bn_before[k], v)]
+    assert bn_before and not moved
+    # and across the real pipeline: the backbone's BatchNorm buffers are identical after every stage
+    stages = [torch.load(H.stage_dir(cfg, "full", k) / "weights.pt", weights_only=False)["model"] for k in range(3)]
+    init = H.initial_model(cfg).state_dict()
+    for key in (k for k in init if k.startswith("backbone.") and "running" in k):
+        assert all(torch.equal(init[key], s[key]) for s in stages), key
+    # while the weights did train
+    assert not torch.equal(init["head.layers.2.weight"], stages[2]["head.layers.2.weight"])
+
+
+def test_naive_fine_tuning_forgets_more_than_the_method(smoke_run):
+    summary = smoke_run["results"]["summary"]
+    def forgetting(strategy):  # mean absolute drop of the tasks learned before the last stage
+        rows = [r for r in summary if r["strategy"] == strategy and r["task"] != smoke_run["cfg"].order[-1]]
+        return sum(r["drop_abs_points"] for r in rows) / len(rows)
+    assert forgetting("naive") > forgetting("full") + 1.0, summary
+
+
+def run_eval(*args):
+    return subprocess.run([sys.executable, str(ROOT / "eval.py"), *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+
+
+def test_eval_py_prints_metrics_and_its_predictions_rescore_to_the_same_numbers(smoke_run, tmp_path):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    out = smoke_run["out"]
+    root = out / "synthetic_data"
+    proc = run_eval("--weights", out / "final.pt", "--data_root", root, "--tasks", "all", "--device", "cpu",
+                    "--out", tmp_path / "m.json", "--save-predictions", tmp_path / "pred")
+    assert proc.returncode == 0, proc.stderr
+    for label in ("mAP@[.5:.95]", "mAP@0.5", "mIoU", "Top-1"):
+        assert label in proc.stdout
+    m = json.loads((tmp_path / "m.json").read_text())
+    final = json.loads((out / "final_metrics.json").read_text())
+    for key in ("det.map", "det.map50", "seg.miou", "cls.top1"):
+        assert m[key] == pytest.approx(final[key]), key
+    assert m["det_classes"] == smoke_run["data"]["det"]["train"].class_names
+    # detections.json scored by plain pycocotools against the dataset's own JSON (crowd kept, classes by name)
+    gt_json = json.loads((root / "mini_coco_det" / "val" / "labels.json").read_text())
+    keep = {c["id"] for c in gt_json["categories"] if c["name"] in m["det_classes"]}
+    gt_json["annotations"] = [a for a in gt_json["annotations"] if a["category_id"] in keep]
+    gt_json["categories"] = [c for c in gt_json["categories"] if c["id"] in keep]
+    gt = COCO()
+    gt.dataset = gt_json
+    gt.createIndex()
+    dets = json.loads((tmp_path / "pred" / "detections.json").read_text())
+    assert dets and all(d["category_id"] in keep for d in dets)
+    ev = COCOeval(gt, gt.loadRes(dets), "bbox")
+    ev.evaluate(); ev.accumulate(); ev.summarize()
+    assert ev.stats[0] == pytest.approx(m["det.map"]) and ev.stats[1] == pytest.approx(m["det.map50"])
+    # segmentation PNGs at original size scored with a plain confusion matrix
+    cm = np.zeros((21, 21), dtype=np.int64)
+    for png in sorted((tmp_path / "pred" / "segmentation").glob("*.png")):
+        pred = np.array(Image.open(png))
+        truth = np.array(Image.open(root / "mini_voc_seg" / "val" / png.name))
+        assert pred.shape == truth.shape
+        valid = truth != 255
+        np.add.at(cm, (truth[valid], pred[valid]), 1)
+    inter, union = np.diag(cm), cm.sum(0) + cm.sum(1) - np.diag(cm)
+    assert np.mean(inter[union > 0] / union[union > 0]) == pytest.approx(m["seg.miou"])
+    # classification.csv against the folder names
+    rows = list(csv.DictReader(open(tmp_path / "pred" / "classification.csv")))
+    names = dict(zip(sorted(H.IMAGENETTE_CLASSES), H.IMAGENETTE_CLASSES.values()))
+    correct = [names[r["file"].split("/")[0]] == r["predicted_class"] for r in rows]
+    assert len(rows) == len(smoke_run["data"]["cls"]["val"]) and np.mean(correct) == pytest.approx(m["cls.top1"])
+
+
+def test_eval_py_subset_of_tasks(smoke_run, tmp_path):
+    proc = run_eval("--weights", smoke_run["out"] / "final.pt", "--data_root", smoke_run["out"] / "synthetic_data",
+                    "--tasks", "det,seg", "--device", "cpu", "--out", tmp_path / "m.json")
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert "det.map" in m and "seg.miou" in m and "cls.top1" not in m and "Top-1" not in proc.stdout
+
+
+@pytest.mark.parametrize("case", ["missing", "not_a_checkpoint", "bad_root", "bad_tasks", "missing_split"])
+def test_eval_py_fails_with_one_line_and_status_2(smoke_run, tmp_path, case):
+    weights, root = smoke_run["out"] / "final.pt", smoke_run["out"] / "synthetic_data"
+    args = {"missing": ["--weights", tmp_path / "nope.pt", "--data_root", root],
+            "not_a_checkpoint": ["--weights", tmp_path / "junk.pt", "--data_root", root],
+            "bad_root": ["--weights", weights, "--data_root", tmp_path / "nowhere"],
+            "bad_tasks": ["--weights", weights, "--data_root", root, "--tasks", "det,depth"],
+            "missing_split": ["--weights", weights, "--data_root", root, "--split", "test"]}[case]
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    proc = run_eval(*args)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error:"), proc.stderr
+
+
+def test_config_precedence(monkeypatch):
+    monkeypatch.setenv("UNIHEAD_EPOCHS", '{"det": 40}')
+    monkeypatch.setenv("UNIHEAD_BATCH_SIZE", "3")
+    cfg = H.make_config("quick")
+    assert cfg.epochs == {**H.PROFILES["quick"]["epochs"], "det": 40} and cfg.batch_size == 3
+    assert H.make_config("quick", batch_size=5).batch_size == 5  # keyword beats environment
+    with pytest.raises(ValueError, match="unknown config field"):
+        H.make_config("quick", no_such_field=1)
+    if not torch.cuda.is_available():
+        monkeypatch.delenv("UNIHEAD_PROFILE", raising=False)
+        assert H.make_config().profile == "smoke"
+
+
+def test_readme_commands_are_what_ci_runs():
+    readme = (ROOT / "README.md").read_text().splitlines()
+    main = [l for l in readme if l.rstrip().endswith("# main job")]
+    tests = [l for l in readme if l.rstrip().endswith("# tests")]
+    assert len(main) == 1 and len(tests) == 1 and "colab.ipynb" in main[0] and "pytest" in tests[0]
+    assert readme.index(main[0]) < 5  # the README starts with them
+    assert "'# tests$' README.md" in (ROOT / ".ci" / "run").read_text()
