@@ -112,7 +112,8 @@ PROFILES: dict[str, dict[str, Any]] = {
                  num_workers=2),
     # Real data on a CPU: smaller images, fewer epochs, offline Lite0 weights.
     "quick": dict(out_dir="runs/quick", backbone="efficientnet-lite0", image_size=256, cls_image_size=160,
-                  batch_size=8, epochs={"seg": 6, "det": 12, "cls": 3}, replay_per_task=4,
+                  batch_size=8, epochs={"seg": 10, "det": 16, "cls": 4}, replay_per_task=4,
+                  lr_scale={"seg": 1.0, "det": 1.0, "cls": 0.5},
                   single_task_baselines=True, compare_naive=True, eval_every=2, num_workers=0, latency_runs=20),
     # Embedded synthetic data, tiny images, CPU, the whole pipeline in about a minute (tests, nbval, CI).
     "smoke": dict(out_dir="runs/smoke", synthetic=True, download=False, backbone="efficientnet-lite0",
@@ -1895,12 +1896,6 @@ def _plt():
     return plt
 
 
-def _denormalize(image: torch.Tensor, backbone: str) -> np.ndarray:
-    mean, std = NORMALIZATION[backbone]
-    x = image.float() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
-    return x.clamp(0, 1).permute(1, 2, 0).numpy()
-
-
 def _draw_boxes(ax, boxes, labels, names, colour, scores=None):
     import matplotlib.patches as patches
     for i, (box, label) in enumerate(zip(boxes, labels)):
@@ -2123,9 +2118,11 @@ def _fmt(v, digits: int = 4) -> str:
     return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
-def write_report(run_dir: str | Path, report_path: str | Path, figures_dir: str | Path | None = None) -> Path:
+def write_report(run_dir: str | Path, report_path: str | Path, figures_dir: str | Path | None = None,
+                 seed_runs: Sequence[str | Path] = ()) -> Path:
     """report.md from a run folder's artifacts only (config.json, metrics.json, final_metrics.json,
-    resources.json, figures/): no number in it is typed by hand."""
+    resources.json, figures/): no number in it is typed by hand. seed_runs: folders of further runs of
+    the same recipe with other seeds, summarised with mean and spread."""
     run_dir, report_path = Path(run_dir), Path(report_path)
     cfg = json.loads((run_dir / "config.json").read_text())
     results = json.loads((run_dir / "metrics.json").read_text())
@@ -2217,6 +2214,18 @@ def write_report(run_dir: str | Path, report_path: str | Path, figures_dir: str 
               f"Top-1 {_fmt(final.get('cls.top1'))}. Detection classes: {', '.join(meta['det_classes'])}.", "",
               f"![per class]({fig}/per_class.png)", "", f"![predictions]({fig}/predictions.png)", "",
               f"![training curves]({fig}/curves.png)", ""]
+    if seed_runs:
+        rows, stats = seed_table([run_dir, *seed_runs])
+        lines += ["## Seeds", "", "The final model's val metrics for each seed of the same recipe, with mean and "
+                  "sample standard deviation:", "", "| run | seed | mAP@[.5:.95] | mAP@0.5 | mIoU | Top-1 |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for r in rows:
+            lines.append(f"| {r['run']} | {r['seed']} | {_fmt(r['det.map'])} | {_fmt(r['det.map50'])} | "
+                         f"{_fmt(r['seg.miou'])} | {_fmt(r['cls.top1'])} |")
+        lines.append("| **mean ± std** | | " + " | ".join(
+            f"{stats[k]['mean']:.4f} ± {_fmt(stats[k]['std'])}" for k in ("det.map", "det.map50", "seg.miou", "cls.top1"))
+            + " |")
+        lines.append("")
     lat = "; ".join(f"{l['median_ms']:.1f} ms median ({'AMP' if l['amp'] else 'fp32'}, p10 {l['p10_ms']:.1f}, "
                     f"p90 {l['p90_ms']:.1f}, {l['runs']} runs)" for l in res["latency_512"])
     lines += ["## Resources", "", f"_{stamp}._", "",
@@ -2242,9 +2251,8 @@ def write_report(run_dir: str | Path, report_path: str | Path, figures_dir: str 
     return report_path
 
 
-def publish_run(run_dir: str | Path, dest: str | Path, report_path: str | Path = "report.md") -> Path:
-    """Copy a run's artifacts (JSON, CSV, figures; never weights or data) into the project and write the
-    top-level report from them."""
+def copy_artifacts(run_dir: str | Path, dest: str | Path) -> Path:
+    """Copy a run's artifacts (JSON, CSV, figures, its report; never weights or data) into dest."""
     run_dir, dest = Path(run_dir), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     for src in run_dir.rglob("*"):
@@ -2252,4 +2260,55 @@ def publish_run(run_dir: str | Path, dest: str | Path, report_path: str | Path =
         if src.is_file() and src.suffix in {".json", ".csv", ".png", ".md"} and "synthetic_data" not in rel.parts:
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dest / rel)
-    return write_report(dest, Path(report_path))
+    return dest
+
+
+def publish_run(run_dir: str | Path, dest: str | Path, report_path: str | Path = "report.md",
+                seed_runs: Sequence[tuple[str | Path, str | Path]] = (), readme: str | Path | None = None) -> Path:
+    """Copy a run's artifacts into the project (dest), likewise each (run_dir, dest) of seed_runs, write the
+    top-level report from them, and regenerate the README's results table when readme is given."""
+    dest = copy_artifacts(run_dir, dest)
+    seed_dests = [copy_artifacts(src, d) for src, d in seed_runs]
+    report = write_report(dest, Path(report_path), seed_runs=seed_dests)
+    if readme:
+        update_readme_results(readme, [dest, *seed_dests])
+    return report
+
+
+def seed_table(run_dirs: Sequence[str | Path]) -> tuple[list[dict], dict]:
+    """Final val metrics of several runs of the same recipe with different seeds, and their mean and
+    standard deviation (the 60-image val sets are noisy)."""
+    rows = []
+    for run_dir in run_dirs:
+        run_dir = Path(run_dir)
+        meta = json.loads((run_dir / "metrics.json").read_text())["meta"]
+        final = json.loads((run_dir / "final_metrics.json").read_text())
+        rows.append({"run": run_dir.name, "seed": meta["seed"], **headline(final)})
+    keys = ["det.map", "det.map50", "seg.miou", "cls.top1"]
+    stats = {k: {"mean": float(np.mean([r[k] for r in rows])), "std": float(np.std([r[k] for r in rows], ddof=1))
+                 if len(rows) > 1 else float("nan")} for k in keys}
+    return rows, stats
+
+
+def update_readme_results(readme: str | Path, run_dirs: Sequence[str | Path]) -> None:
+    """Replace the README's results block with a table generated from published runs' artifacts."""
+    readme = Path(readme)
+    lines = ["| run | device | profile | date | seed | mAP@[.5:.95] | mAP@0.5 | mIoU | Top-1 | forgetting (max rel. drop) |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for run_dir in run_dirs:
+        run_dir = Path(run_dir)
+        results = json.loads((run_dir / "metrics.json").read_text())
+        final = json.loads((run_dir / "final_metrics.json").read_text())
+        res = json.loads((run_dir / "resources.json").read_text())
+        meta = results["meta"]
+        main = [r for r in results["summary"] if r["strategy"] == json.loads((run_dir / "config.json").read_text())["strategy"]]
+        worst = max(r["drop_rel_pct"] for r in main if r["drop_rel_pct"] is not None)
+        lines.append(f"| [{run_dir.name}]({os.path.relpath(run_dir, readme.parent)}) | {res['device']} | {meta['profile']} | "
+                     f"{meta['date']} | {meta['seed']} | {_fmt(final['det.map'])} | {_fmt(final['det.map50'])} | "
+                     f"{_fmt(final['seg.miou'])} | {_fmt(final['cls.top1'])} | {worst:.1f} % |")
+    text = readme.read_text()
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    if start not in text:
+        raise ValueError(f"{readme} has no {start} ... {end} block")
+    head, rest = text.split(start, 1)
+    readme.write_text(head + start + "\n" + "\n".join(lines) + "\n" + end + rest.split(end, 1)[1])

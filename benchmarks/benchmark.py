@@ -88,12 +88,14 @@ def main(argv=None) -> dict:
     p.add_argument("--profile", default=None, help="config profile for model size and training settings")
     p.add_argument("--backbone", default="efficientnet-lite0", help="backbone (Lite0 needs no download)")
     p.add_argument("--runs", type=int, default=100, help="timed runs behind each latency median (>= 100 to report)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed runs before timing")
     p.add_argument("--batch", type=int, default=16, help="batch size of the throughput measurement")
     p.add_argument("--train-steps", type=int, default=5, help="timed training steps per stage")
     p.add_argument("--train-size", type=int, default=None, help="training image size (default: the profile's)")
     p.add_argument("--data-root", default=None, help="real data for the training measurement (default: synthetic)")
     p.add_argument("--run-dir", default=None, help="a finished run whose recorded training time to include")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>.json)")
+    p.add_argument("--readme", default=str(HERE / "README.md"), help="Markdown file whose table is regenerated")
     args = p.parse_args(argv)
     overrides = dict(backbone=args.backbone, image_size=args.train_size, out_dir=str(HERE / "_work"))
     if args.data_root:
@@ -101,15 +103,17 @@ def main(argv=None) -> dict:
     cfg = H.make_config(args.profile, **overrides)
     device = H.pick_device(cfg)
     model = H.initial_model(cfg, device)
-    latency = [H.measure_latency(model, 512, 1, device, amp=False, runs=args.runs)]
+    latency = [H.measure_latency(model, 512, 1, device, amp=False, runs=args.runs, warmup=args.warmup)]
     if device.type == "cuda":
-        latency.append(H.measure_latency(model, 512, 1, device, amp=True, runs=args.runs))
-    throughput = H.measure_latency(model, 512, args.batch, device, amp=device.type == "cuda", runs=max(5, args.runs // 10))
+        latency.append(H.measure_latency(model, 512, 1, device, amp=True, runs=args.runs, warmup=args.warmup))
+    throughput = H.measure_latency(model, 512, args.batch, device, amp=device.type == "cuda",
+                                   runs=max(2, args.runs // 10), warmup=min(args.warmup, 3))
     data = H.prepare_data(cfg, verbose=False)
+    pipeline = [H.measure_input_pipeline(data[t]["train"], cfg) for t in H.TASKS]
     result = {"device": H.describe_device(device), "date": dt.date.today().isoformat(), "torch": torch.__version__,
               "profile": cfg.profile, "backbone": cfg.backbone, "parameters": H.count_parameters(model),
               "latency_512": latency, "throughput": throughput, "train_image_size": cfg.image_size,
-              "training": training_throughput(cfg, data, args.train_steps, device)}
+              "input_pipeline": pipeline, "training": training_throughput(cfg, data, args.train_steps, device)}
     if args.run_dir:
         resources = json.loads((Path(args.run_dir) / "resources.json").read_text())
         result["pipeline"] = {k: resources[k] for k in ("train_seconds_method", "train_seconds_all_runs",
@@ -117,11 +121,11 @@ def main(argv=None) -> dict:
     slug = re.sub(r"[^A-Za-z0-9]+", "-", result["device"]).strip("-").lower()
     out = Path(args.out) if args.out else HERE / "results" / f"{slug}.json"
     H.write_json(result, out)
-    write_table(out.parent, HERE / "README.md")
+    write_table(out.parent, Path(args.readme))
     print(json.dumps({k: result[k] for k in ("device", "parameters")}, indent=1))
     for l in latency:
         print(f"latency 512x512 batch 1 {'AMP' if l['amp'] else 'fp32'}: {l['median_ms']:.1f} ms median ({l['runs']} runs)")
-    print(f"written {out} and {HERE / 'README.md'}")
+    print(f"written {out} and {args.readme}")
     return result
 
 

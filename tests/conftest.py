@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-# The notebook test (and make_config() without a profile) must run the CPU smoke profile.
+# The notebook test (and make_config() without a profile) must run the CPU smoke profile, in a fresh
+# output folder (a stale runs/smoke from older code would otherwise be resumed).
 os.environ.setdefault("UNIHEAD_PROFILE", "smoke")
+os.environ.setdefault("UNIHEAD_OUT_DIR", tempfile.mkdtemp(prefix="unihead-nbval-"))
 
 # CI clones the repository with shared/ beside it: <parent>/main (this repo) and <parent>/shared/data.
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

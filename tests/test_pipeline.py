@@ -247,3 +247,22 @@ def test_readme_commands_are_what_ci_runs():
     assert len(main) == 1 and len(tests) == 1 and "colab.ipynb" in main[0] and "pytest" in tests[0]
     assert readme.index(main[0]) < 5  # the README starts with them
     assert "'# tests$' README.md" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_publish_copies_artifacts_and_regenerates_report_and_readme(smoke_run, tmp_path):
+    import re
+    import shutil
+    readme = tmp_path / "README.md"
+    shutil.copyfile(ROOT / "README.md", readme)
+    report = H.publish_run(smoke_run["out"], tmp_path / "results" / "smoke", tmp_path / "report.md",
+                           seed_runs=[(smoke_run["out"], tmp_path / "results" / "smoke-again")], readme=readme)
+    published = tmp_path / "results" / "smoke"
+    assert not list(published.rglob("*.pt")) and not (published / "synthetic_data").exists()
+    assert (published / "metrics.json").is_file() and (published / "full" / "stage1_seg" / "log.csv").is_file()
+    text = report.read_text()
+    for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):  # every figure the report shows exists
+        assert (report.parent / link).is_file(), link
+    final = json.loads((smoke_run["out"] / "final_metrics.json").read_text())
+    assert "## Seeds" in text and f"{final['cls.top1']:.4f}" in text
+    block = readme.read_text().split("<!-- results:start -->")[1].split("<!-- results:end -->")[0]
+    assert f"{final['seg.miou']:.4f}" in block and "smoke" in block

@@ -183,8 +183,9 @@ for l in resources["latency_512"]:
 print(f"training time of the method: {resources['train_seconds_method'] / 60:.1f} min "
       f"(all runs incl. baselines and ablation: {resources['train_seconds_all_runs'] / 60:.1f} min) of a 120 min budget")
 print("weights:", Path(cfg.out_dir) / "final.pt", "| report:", Path(cfg.out_dir) / "report.md")
-if PUBLISH:
-    print("published:", H.publish_run(cfg.out_dir, Path("results") / cfg.profile, "report.md"))
+if PUBLISH:  # artifacts (never weights or data) into results/, the top-level report.md and README table
+    print("published:", H.publish_run(cfg.out_dir, Path("results") / Path(cfg.out_dir).name, "report.md",
+                                      readme="README.md"))
 """)
 code(r"""
 from IPython.display import Markdown
