@@ -67,9 +67,9 @@ class Config:
     batch_size: int = 16
     lr: float = 1e-3  # neck and head
     backbone_lr: float = 2e-4
-    # learning-rate multiplier per task, stage and single-task baseline alike. Classification starts from
-    # ImageNet features and needs small steps; small steps also move the shared head less (forgetting)
-    lr_scale: dict[str, float] = field(default_factory=lambda: {"seg": 1.0, "det": 1.0, "cls": 0.2})
+    # learning-rate multiplier per task, stage and single-task baseline alike (at 0.2-0.5 classification
+    # learned too slowly on the real data: 0.23 top-1 after 4 epochs)
+    lr_scale: dict[str, float] = field(default_factory=lambda: {"seg": 1.0, "det": 1.0, "cls": 1.0})
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
     grad_clip: float = 10.0
@@ -108,17 +108,16 @@ class Config:
 
 PROFILES: dict[str, dict[str, Any]] = {
     # Real data, 512 px, sized for a Colab T4 within the 2 h budget including the baselines.
-    "full": dict(out_dir="runs/full", image_size=512, batch_size=16, epochs={"seg": 40, "det": 80, "cls": 10},
+    "full": dict(out_dir="runs/full", image_size=512, batch_size=16, epochs={"seg": 40, "det": 80, "cls": 12},
                  num_workers=2),
     # Real data on a CPU: smaller images, fewer epochs, offline Lite0 weights.
     "quick": dict(out_dir="runs/quick", backbone="efficientnet-lite0", image_size=256, cls_image_size=160,
-                  batch_size=8, epochs={"seg": 10, "det": 16, "cls": 4}, replay_per_task=4,
-                  lr_scale={"seg": 1.0, "det": 1.0, "cls": 0.5},
+                  batch_size=8, epochs={"seg": 10, "det": 14, "cls": 6}, replay_per_task=4,
                   single_task_baselines=True, compare_naive=True, eval_every=2, num_workers=0, latency_runs=20),
     # Embedded synthetic data, tiny images, CPU, the whole pipeline in about a minute (tests, nbval, CI).
     "smoke": dict(out_dir="runs/smoke", synthetic=True, download=False, backbone="efficientnet-lite0",
                   image_size=96, cls_image_size=64, batch_size=8, neck_channels=48, head_channels=48,
-                  epochs={"seg": 8, "det": 16, "cls": 6}, lr=3e-3, backbone_lr=1e-3, replay_per_task=4,
+                  epochs={"seg": 8, "det": 16, "cls": 15}, lr=3e-3, backbone_lr=1e-3, replay_per_task=4,
                   warmup_epochs=0.5, num_workers=0, eval_every=1, checkpoint_every=2, latency_runs=5),
 }
 
@@ -770,7 +769,7 @@ def make_synthetic_dataset(root: str | Path, layout: str = "shared", n_train: in
     instances_{split}2017.json` + `{split}2017/`, JPEGImages/ + SegmentationClass/, numbered class folders.
     Detection: coloured rectangles and ellipses (one colour per class) on textured backgrounds, 12
     categories (two rare distractors) and one crowd box per split. Segmentation: the same kind of shapes
-    in VOC colours with 255 borders. Classification: ten stripe textures of distinct hue and angle."""
+    in VOC colours with 255 borders. Classification: one large object per image, one colour per class."""
     if layout not in {"shared", "course"}:
         raise ValueError("layout must be 'shared' or 'course'")
     root = Path(root)
@@ -843,15 +842,14 @@ def make_synthetic_dataset(root: str | Path, layout: str = "shared", n_train: in
         for label in range(10):
             folder = wnids[label] if layout == "shared" else str(label)
             for k in range(max(1, n // 10)):  # n // 10 images per class, never an empty folder
+                # one large object of the class's colour (ellipse or box) on a textured background, like
+                # the objects of the other two tasks, so features learned for them are of use here too
                 h, w = int(rng.integers(56, 72)), int(rng.integers(64, 90))
-                yy, xx = np.mgrid[0:h, 0:w]
-                angle = label * np.pi / 10 + rng.normal(0, 0.05)
-                wave = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * 2 * np.pi / 8)[..., None]
-                colour = _SYNTH_COLOURS[label].astype(np.float32)  # hue says the class, the stripes agree
-                img = np.clip(0.75 * colour + 30 * wave + 20 + rng.normal(0, 10, (h, w, 3)), 0, 255)
+                img = _textured_background(rng, h, w)
+                img[_shape_mask(h, w, _random_box(rng, h, w, 0.5, 0.8), label)] = _SYNTH_COLOURS[label]
                 ext = ".JPEG" if layout == "shared" else ".jpg"
                 name = f"{wnids[label]}_{split}{k}{ext}"
-                _save_jpeg(img.astype(np.uint8), root / "imagenette_160" / split / folder / name)
+                _save_jpeg(img, root / "imagenette_160" / split / folder / name)
     return root
 
 
@@ -1170,15 +1168,16 @@ def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatur
 
 def detection_distillation_loss(student: dict, teacher: dict, conf: float = 0.3) -> torch.Tensor:
     """Heatmaps: Bernoulli KL between student and teacher cell probabilities over every cell, normalised
-    by the cells where the teacher is confident (as the focal loss is by objects). Boxes: GIoU against the
-    teacher's boxes on the cells whose teacher heat exceeds `conf`, weighted by that heat."""
+    by the cells where the teacher is confident (as the focal loss is by objects), but by at least one per
+    image, so images where the teacher sees nothing (Imagenette) cannot blow the term up. Boxes: GIoU
+    against the teacher's boxes on the cells whose teacher heat exceeds `conf`, weighted by that heat."""
     s_logit, t_logit = student["det_heatmap"].float(), teacher["det_heatmap"].float()
     t_prob = torch.sigmoid(t_logit)
     kl = (F.binary_cross_entropy_with_logits(s_logit, t_prob, reduction="none")
           - F.binary_cross_entropy_with_logits(t_logit, t_prob, reduction="none"))
     peak = t_prob.max(dim=1).values
     confident = peak > conf
-    heat = kl.sum() / confident.sum().clamp(min=1).float()
+    heat = kl.sum() / confident.sum().clamp(min=s_logit.shape[0]).float()
     boxes = weighted_giou_loss(student["det_box"], teacher["det_box"], peak * confident)
     return heat + boxes
 
@@ -1587,8 +1586,10 @@ def train_stage(model: UniHeadNet, task: str, data: dict, cfg: Config, stage_dir
     sampler = ReplaySampler({t: data[t]["train"] for t in earlier}, earlier, cfg, seed + 1) if replay and earlier else None
     optimizer = torch.optim.AdamW(_param_groups(model, cfg, lr_scale))
     steps = max(1, epochs * len(loader))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(steps, int(cfg.warmup_epochs * len(loader))))
+    # at least 10 warm-up steps: a fresh AdamW moves every weight by about lr in its first steps, whatever
+    # the gradient, which in a later stage knocks the earlier tasks' outputs before distillation can react
+    warmup = min(max(int(cfg.warmup_epochs * len(loader)), 10), steps // 3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, warmup))
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     metric_key = TASK_METRIC[task]
@@ -1639,7 +1640,7 @@ def train_stage(model: UniHeadNet, task: str, data: dict, cfg: Config, stage_dir
             row[metric_key] = m[metric_key]
             if task == "det":
                 row["det.map50"] = m["det.map50"]
-            if m[metric_key] > best:
+            if m[metric_key] >= best:  # ties go to the later epoch: distillation has had longer to pull back
                 best, best_state = m[metric_key], _state_on_cpu(model)
                 row["best"] = True
         seconds += time.time() - t0
@@ -2208,6 +2209,12 @@ def write_report(run_dir: str | Path, report_path: str | Path, figures_dir: str 
                      f"{_fmt(row.get('single_task_baseline'))} | {_fmt(row['final'])} | {_fmt(row['drop_rel_pct'], 1)} % | "
                      f"{_fmt(row['drop_abs_points'], 2)} | {'PASS' if row['pass'] else 'FAIL'} | "
                      f"{_fmt(row.get('drop_rel_vs_single_pct'), 1)} % | {'PASS' if row.get('pass_vs_single') else 'FAIL'} |")
+    earlier = [t for t in order[:-1]]
+    if len(results["strategies"]) > 1:
+        lines += ["", "Ablation, naive fine-tuning against the method on the same budget: mean drop of the tasks "
+                  "learned before the last stage, in points: " + "; ".join(
+                      f"{strategy} {np.mean([r['drop_abs_points'] for r in results['summary'] if r['strategy'] == strategy and r['task'] in earlier]):.2f}"
+                      for strategy in results["strategies"]) + "."]
     lines += ["", "## Final model (val)", "", f"_{stamp}._", "",
               f"mAP@[.5:.95] {_fmt(final.get('det.map'))}, mAP@0.5 {_fmt(final.get('det.map50'))}, "
               f"mIoU {_fmt(final.get('seg.miou'))} (pixel accuracy {_fmt(final.get('seg.pixel_acc'))}), "
@@ -2238,13 +2245,23 @@ def write_report(run_dir: str | Path, report_path: str | Path, figures_dir: str 
               f"{res['train_seconds_all_runs'] / 60:.1f} min |", "",
               "The assignment's limits (150 ms per image, 2 h of training) are stated for a Colab T4; a figure "
               "measured on another device is labelled with that device and is not a T4 figure.", "",
-              "## Limitations", "",
+              "## Limitations", ""]
+    if "CPU" in res["device"]:
+        lines += [f"- These numbers were measured on a CPU ({res['device']}) with the `{meta['profile']}` profile "
+                  f"({cfg['image_size']} px, epochs {', '.join(f'{t}: {epochs[t]}' for t in order)}): far shorter "
+                  "training and smaller images than the `full` profile on a GPU, so they show the method's "
+                  "behaviour, not the model's attainable accuracy."]
+    lines += [
               "- The val sets have 60 images per task: one image moves Top-1 by 1.7 points and several detection "
               "classes have fewer than 10 val boxes, so per-class AP is noisy.",
               "- Best epochs are chosen on val (the assignment provides no third split); a hidden test set will "
               "score somewhat lower.",
               "- The data extraction used in development renumbers COCO category ids per split; classes are "
               "matched by name. 5 detection images occur in both train and val of that extraction.",
+              "- Classification is learned last, from a head whose features were shaped by segmentation and "
+              "detection. With learning rates scaled down for it, it learned far too slowly in development runs, "
+              "so it now uses the full learning rate, and distillation has to hold the earlier outputs against "
+              "larger steps.",
               ""]
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text("\n".join(lines))
