@@ -2077,6 +2077,14 @@ def plot_predictions(model: UniHeadNet, data: dict, cfg: Config, n: int = 4, spl
     return fig
 
 
+def compact_png(path: str | Path, colours: int = 256) -> None:
+    """Re-save a figure with an adaptive 256-colour palette: photos in a figure otherwise make PNGs of
+    megabytes, too heavy to publish in the repository."""
+    with Image.open(path) as im:
+        small = im.convert("RGB").quantize(colors=colours, method=Image.Quantize.MEDIANCUT)
+    small.save(path, optimize=True)
+
+
 def write_run_artifacts(cfg: Config, results: dict | None = None, data: dict | None = None) -> dict:
     """After run_pipeline: evaluate the final weights with per-class detail, measure parameters and
     latency at 512x512, draw every figure, and write final_metrics.json, resources.json, figures/ and
@@ -2097,6 +2105,7 @@ def write_run_artifacts(cfg: Config, results: dict | None = None, data: dict | N
                        ("per_class", lambda p: plot_per_class(final, path=p)),
                        ("predictions", lambda p: plot_predictions(model, data, cfg, path=p))):
         plt.close(draw(figures / f"{name}.png"))
+        compact_png(figures / f"{name}.png")
     latency = [measure_latency(model, 512, 1, device, amp=False, runs=cfg.latency_runs)]
     if device.type == "cuda":
         latency.append(measure_latency(model, 512, 1, device, amp=True, runs=cfg.latency_runs))
@@ -2247,7 +2256,7 @@ def write_report(run_dir: str | Path, report_path: str | Path, figures_dir: str 
               "measured on another device is labelled with that device and is not a T4 figure.", "",
               "## Limitations", ""]
     if "CPU" in res["device"]:
-        lines += [f"- These numbers were measured on a CPU ({res['device']}) with the `{meta['profile']}` profile "
+        lines += [f"- These numbers were measured on {res['device']} with the `{meta['profile']}` profile "
                   f"({cfg['image_size']} px, epochs {', '.join(f'{t}: {epochs[t]}' for t in order)}): far shorter "
                   "training and smaller images than the `full` profile on a GPU, so they show the method's "
                   "behaviour, not the model's attainable accuracy."]
