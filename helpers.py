@@ -1606,6 +1606,7 @@ def train_stage(model: UniHeadNet, task: str, data: dict, cfg: Config, stage_dir
         generator.set_state(ckpt["generator"])
         print(f"resuming {label or task} from epoch {start_epoch}/{epochs}")
     model.train()
+    t_call = time.time()
     for epoch in range(start_epoch, epochs):
         t0 = time.time()
         sums: dict[str, float] = {}
@@ -1648,7 +1649,8 @@ def train_stage(model: UniHeadNet, task: str, data: dict, cfg: Config, stage_dir
         history.append(row)
         _write_csv(history, stage_dir / "log.csv")
         summary = ", ".join(f"{k}={v:.4f}" for k, v in row.items() if isinstance(v, float) and k not in ("lr",))
-        print(f"[{label or task}] epoch {epoch + 1}/{epochs}: {summary}")
+        eta = (epochs - epoch - 1) * (time.time() - t_call) / (epoch + 1 - start_epoch) / 60
+        print(f"[{label or task}] epoch {epoch + 1}/{epochs}: {summary} | stage ETA {eta:.1f} min")
         if (epoch + 1) % cfg.checkpoint_every == 0 and epoch + 1 < epochs:
             _save({"model": _state_on_cpu(model), "optimizer": optimizer.state_dict(),
                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
