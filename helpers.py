@@ -37,7 +37,6 @@ from PIL import Image, UnidentifiedImageError
 # ==================================================================================================
 TASKS = ("seg", "det", "cls")
 TASK_METRIC = {"seg": "seg.miou", "det": "det.map", "cls": "cls.top1"}  # the number each stage is judged by
-TASK_NAMES = {"seg": "segmentation", "det": "detection", "cls": "classification"}
 
 
 @dataclass
@@ -573,9 +572,14 @@ def load_all(root: str | Path, tasks: Sequence[str] = TASKS, splits: Sequence[st
     return data
 
 
+def split_overlap(a: TaskData, b: TaskData) -> list[str]:
+    """Files that occur in both splits, by name."""
+    return sorted({s["file"] for s in a.samples} & {s["file"] for s in b.samples})
+
+
 def report_overlap(a: TaskData, b: TaskData) -> list[str]:
-    """Files that occur in both splits (by name): a warning, not an error."""
-    same = sorted({s["file"] for s in a.samples} & {s["file"] for s in b.samples})
+    """Files that occur in both splits: a warning, not an error."""
+    same = split_overlap(a, b)
     if same:
         warnings.warn(f"{a.task}: {len(same)} file(s) occur in both {a.split} and {b.split}: {same}", stacklevel=2)
     return same
@@ -591,8 +595,7 @@ def check_dataset(root: str | Path, tasks: Sequence[str] = TASKS, splits: Sequen
         first = by_split[splits[0]]
         summary[task] = {"counts": {s: len(d) for s, d in by_split.items()}, "classes": first.class_names,
                          "layout": first.layout,
-                         "overlap": sorted({x["file"] for x in first.samples}
-                                           & {x["file"] for x in by_split[splits[-1]].samples}) if len(splits) > 1 else []}
+                         "overlap": split_overlap(first, by_split[splits[-1]]) if len(splits) > 1 else []}
         if task == "det":
             summary[task]["boxes"] = {s: int(sum(len(x["boxes"]) for x in d.samples)) for s, d in by_split.items()}
     return summary
