@@ -1902,6 +1902,17 @@ def _plt():
     return plt
 
 
+def _finish_figure(fig, path: str | Path | None, dpi: int = 110, hide_ticks=()):
+    """The ending every figure shares: ticks hidden on image panels, tight layout, saved when path is given."""
+    for ax in hide_ticks:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=dpi)
+    return fig
+
+
 def _draw_boxes(ax, boxes, labels, names, colour, scores=None):
     import matplotlib.patches as patches
     for i, (box, label) in enumerate(zip(boxes, labels)):
@@ -1932,13 +1943,7 @@ def plot_samples(data: dict, n: int = 4, path: str | Path | None = None):
         axes[2, col].set_title(td.class_names[s["label"]], fontsize=8)
     for ax, name in zip(axes[:, 0], ("detection", "segmentation", "classification")):
         ax.set_ylabel(name)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    if path:
-        fig.savefig(path, dpi=110)
-    return fig
+    return _finish_figure(fig, path, hide_ticks=axes.flat)
 
 
 def plot_forgetting(results: dict, order: Sequence[str], path: str | Path | None = None):
@@ -1970,10 +1975,7 @@ def plot_forgetting(results: dict, order: Sequence[str], path: str | Path | None
     ax.set_xlabel("after stage")
     ax.set_title("metric per stage (thin line: 95 % of stage-end baseline)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    if path:
-        fig.savefig(path, dpi=110)
-    return fig
+    return _finish_figure(fig, path)
 
 
 def read_stage_logs(out_dir: str | Path) -> dict[str, list[dict]]:
@@ -2005,10 +2007,7 @@ def plot_training_curves(out_dir: str | Path, path: str | Path | None = None):
             ax2.plot(d["epoch"], d[metric_cols[0]], "k-o", ms=3, label=metric_cols[0])
             ax2.set_ylabel(metric_cols[0])
         ax.legend(fontsize=6, loc="upper right")
-    fig.tight_layout()
-    if path:
-        fig.savefig(path, dpi=110)
-    return fig
+    return _finish_figure(fig, path)
 
 
 def plot_per_class(metrics: dict, path: str | Path | None = None):
@@ -2027,10 +2026,7 @@ def plot_per_class(metrics: dict, path: str | Path | None = None):
         ax.set_xticks(range(len(names)), names, rotation=75, fontsize=7)
         ax.set_ylim(0, 1)
         ax.set_title(f"{title} per class")
-    fig.tight_layout()
-    if path:
-        fig.savefig(path, dpi=110)
-    return fig
+    return _finish_figure(fig, path)
 
 
 @torch.no_grad()
@@ -2069,17 +2065,10 @@ def plot_predictions(model: UniHeadNet, data: dict, cfg: Config, n: int = 4, spl
                 pr_ax.imshow(img)
                 pr_ax.set_title(f"pred: {td.class_names[pred]}", fontsize=7,
                                 color="green" if pred == s["label"] else "red")
-            gt_ax.set_title(gt_ax.get_title() or f"truth: {td.class_names[s['label']]}" if task == "cls" else "truth",
-                            fontsize=7)
+            gt_ax.set_title(f"truth: {td.class_names[s['label']]}" if task == "cls" else "truth", fontsize=7)
             if task != "cls":
                 pr_ax.set_title("prediction", fontsize=7)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    if path:
-        fig.savefig(path, dpi=100)
-    return fig
+    return _finish_figure(fig, path, dpi=100, hide_ticks=axes.flat)
 
 
 def compact_png(path: str | Path, colours: int = 256) -> None:
