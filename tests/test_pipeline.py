@@ -125,6 +125,44 @@ def test_replay_never_exceeds_the_limit(synthetic_root):
     assert off.next() == {}
 
 
+def test_loss_weights_scale_exactly_the_terms_they_name(synthetic_root):
+    """task_weight scales the stage's own loss only; kd_current_weight scales distillation on the current
+    images only (replay terms keep their weight). Same weights, same batches: the ratios are exact."""
+    data = H.load_all(synthetic_root, verbose=False)
+    base = H.make_config("smoke", replay_per_task=2, batch_size=2)
+    model = H.initial_model(base).eval()  # eval: no drop-connect, so two forward passes agree
+    teacher = H.freeze_teacher(H.initial_model(base, torch.device("cpu")))
+    torch.manual_seed(0)
+    with torch.no_grad():  # a teacher that differs from the student, so every distillation term is > 0
+        for p in teacher.head.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = next(iter(H.make_loader(data["cls"]["train"], base, train=False)))
+    replay = {t: next(iter(H.make_loader(data[t]["train"], base, train=False, batch_size=2))) for t in ("seg", "det")}
+    def terms(**kw):
+        cfg = H.Config(**{**base.to_dict(), **kw})
+        with torch.no_grad():
+            return {k: float(v) for k, v in H.training_step_loss(model, teacher, "cls", batch, replay, ["seg", "det"], cfg).items()}
+    plain = terms(task_weight={"seg": 1.0, "det": 1.0, "cls": 1.0}, kd_current_weight=1.0)
+    weighted = terms(task_weight={"seg": 1.0, "det": 1.0, "cls": 3.0}, kd_current_weight=0.25)
+    assert plain["kd_seg"] > 0 and plain["kd_det"] > 0 and plain["cls"] > 0
+    assert weighted["cls"] == pytest.approx(3 * plain["cls"], rel=1e-5)
+    for k in ("kd_seg", "kd_det"):
+        assert weighted[k] == pytest.approx(0.25 * plain[k], rel=1e-5)
+    for k in (k for k in plain if k.startswith("replay_")):
+        assert weighted[k] == pytest.approx(plain[k], rel=1e-5), k
+
+
+def test_run_pipeline_takes_the_detection_classes_from_its_data(tmp_path):
+    """A config made after the data was loaded (det_classes None) records the data's classes; a config that
+    names other classes is refused before any training."""
+    data = H.prepare_data(H.make_config("smoke", out_dir=str(tmp_path / "data")), verbose=False)
+    classes = list(data["det"]["train"].class_names)
+    wrong = H.make_config("smoke", out_dir=str(tmp_path / "wrong"), det_classes=classes[::-1])
+    with pytest.raises(ValueError, match="differ from the data"):
+        H.run_pipeline(wrong, data)
+    assert not (tmp_path / "wrong" / "config.json").exists()
+
+
 def test_teacher_never_changes_and_frozen_bn_statistics_do_not_move(smoke_run, tmp_path):
     cfg, data = smoke_run["cfg"], smoke_run["data"]
     model = H.initial_model(cfg)
@@ -266,3 +304,14 @@ def test_publish_copies_artifacts_and_regenerates_report_and_readme(smoke_run, t
     assert "## Seeds" in text and f"{final['cls.top1']:.4f}" in text
     block = readme.read_text().split("<!-- results:start -->")[1].split("<!-- results:end -->")[0]
     assert f"{final['seg.miou']:.4f}" in block and "smoke" in block
+    # publishing again replaces the earlier artifacts whole: a file only the earlier run had is gone
+    (published / "naive" / "stale.csv").write_text("from an earlier run")
+    H.copy_artifacts(smoke_run["out"], published)
+    assert not (published / "naive" / "stale.csv").exists() and (published / "metrics.json").is_file()
+    # and a folder that is not a run's artifacts is never overwritten
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.md").write_text("keep")
+    with pytest.raises(ValueError, match="holds no run artifacts"):
+        H.copy_artifacts(smoke_run["out"], other)
+    assert (other / "mine.md").read_text() == "keep"
