@@ -81,6 +81,8 @@ EPOCHS = None         # e.g. {"seg": 40, "det": 80, "cls": 10}
 LR = None             # head and neck learning rate; the backbone uses BACKBONE_LR
 BACKBONE_LR = None
 STRATEGY = None       # 'full' (distillation + replay) or 'naive'
+TASK_WEIGHT = None    # e.g. {"cls": 2.0}: weight of a stage's own loss against replay and distillation (default cls 4)
+KD_WEIGHT = None      # e.g. {"det": 2.0}: weight of an earlier task's distillation terms
 SEED = None
 OUT_DIR = None        # where checkpoints, logs, figures and the report go
 USE_DRIVE = False     # Colab: keep OUT_DIR on Google Drive so a runtime reset can resume
@@ -91,7 +93,7 @@ code(r"""
 import helpers as H
 
 overrides = dict(data_root=DATA_ROOT, backbone=BACKBONE, epochs=EPOCHS, lr=LR, backbone_lr=BACKBONE_LR,
-                 strategy=STRATEGY, seed=SEED, out_dir=OUT_DIR)
+                 strategy=STRATEGY, task_weight=TASK_WEIGHT, kd_weight=KD_WEIGHT, seed=SEED, out_dir=OUT_DIR)
 if USE_DRIVE and IN_COLAB:
     from google.colab import drive
     drive.mount("/content/drive")
@@ -197,8 +199,9 @@ def build() -> nbf.NotebookNode:
     nb = nbf.v4.new_notebook()
     nb.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
                    "language_info": {"name": "python"}, "accelerator": "GPU", "colab": {"provenance": []}}
-    for kind, source, tags in CELLS:
+    for i, (kind, source, tags) in enumerate(CELLS):
         cell = nbf.v4.new_markdown_cell(source) if kind == "markdown" else nbf.v4.new_code_cell(source)
+        cell.id = f"cell-{i:02d}"  # stable ids: rebuilding changes only the cells whose text changed
         if tags:
             cell.metadata["tags"] = tags
         nb.cells.append(cell)
