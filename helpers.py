@@ -54,13 +54,25 @@ class Config:
     backbone_weights: str = "imagenet"  # "imagenet" | "none" | path to a local state_dict file
     neck_channels: int = 128
     head_channels: int = 128
+    norm: str = "gn"  # normalisation of the neck and head convs: "gn" (GroupNorm, 8 groups) or "bn" (BatchNorm)
+    drop_connect_rate: float | None = None  # backbone stochastic depth; None: the backbone's own (0.2)
     # data
     image_size: int = 512  # square side for detection and segmentation
     cls_image_size: int = 224  # Imagenette-160 images are small: 224 keeps the ImageNet statistics of the backbone
-    crop_scale_min: float = 0.3  # training scale jitter: random crops keep at least this fraction of the area
-    zoom_out_p: float = 0.3  # probability of shrinking the image onto a larger canvas first (small objects)
+    # training augmentation of detection and segmentation images, per task:
+    # "light": flip, square scale jitter in scale_jitter (crop when larger, pad with the mean when smaller),
+    #          brightness/contrast;
+    # "strong": zoom-out (p=zoom_out_p) then random resized crops down to crop_scale_min of the area at
+    #          aspect ratios 3:4-4:3, flip, brightness/contrast/saturation/hue
+    augment: dict[str, str] = field(default_factory=lambda: {"seg": "strong", "det": "strong"})
+    scale_jitter: tuple[float, float] = (0.75, 1.25)  # "light": range of the random side scale
+    crop_scale_min: float = 0.3  # "strong": random crops keep at least this fraction of the area
+    zoom_out_p: float = 0.3  # "strong": probability of shrinking the image onto a larger canvas first
     det_classes: list[str] | None = None  # None: all categories if <= 10, else the 10 with most train boxes
     num_det_classes: int = 10
+    det_min_sigma: float = 0.0  # floor of the detection Gaussians' sigma, in output cells (0: alpha * side / 6 only)
+    det_sampling: str = "uniform"  # detection training images: "uniform" or "repeat_factor" (LVIS: rare classes more often)
+    repeat_thresh: float = 0.3  # repeat_factor: classes in fewer than this fraction of images are repeated
     # schedule: epochs per task (stage and single-task baseline alike)
     epochs: dict[str, int] = field(default_factory=lambda: {"seg": 30, "det": 60, "cls": 12})
     batch_size: int = 16
@@ -73,6 +85,8 @@ class Config:
     warmup_epochs: float = 1.0
     grad_clip: float = 10.0
     label_smoothing: float = 0.1
+    box_loss_weight: float = 2.0  # GIoU term of the detection loss against the heatmap focal loss
+    ema_decay: float = 0.0  # > 0: a stage ends with (and is evaluated on) the exponential moving average of its weights
     # continual learning
     order: tuple[str, ...] = ("seg", "det", "cls")
     strategy: str = "full"  # "full" (distillation + replay + frozen BN) or "naive" (plain fine-tuning)
@@ -104,7 +118,7 @@ class Config:
     amp: bool = True  # only on CUDA
     channels_last: bool = True
     num_workers: int = 2
-    eval_every: int = 1  # epochs between val evaluations of the stage's own task (best epoch selection)
+    eval_every: int = 1  # epochs between val evaluations of the stage's own task (watched for the curves only)
     checkpoint_every: int = 5  # epochs between resumable checkpoints inside a stage
     time_budget_min: float = 120.0  # the assignment's 2 h; progress prints the training time against it
     latency_runs: int = 100  # timed forward passes behind the latency figure (median)
@@ -619,28 +633,37 @@ NORMALIZATION = {  # (mean, std) each backbone's ImageNet weights were trained w
 }
 
 
-def make_transform(task: str, size: int, train: bool, backbone: str = "efficientnet-b0",
-                   crop_scale_min: float = 0.3, zoom_out_p: float = 0.3):
-    """Training: square resize, zoom-out/crop scale jitter, flip, colour jitter (classification: random
-    resized crop). Evaluation: deterministic square resize (classification: resize + centre crop).
-    Boxes (tv_tensors.BoundingBoxes) and masks (tv_tensors.Mask, filled with 255 = ignore) follow the image."""
+def make_transform(task: str, size: int, train: bool, backbone: str = "efficientnet-b0", *, augment: str = "strong",
+                   scale_jitter: tuple[float, float] = (0.75, 1.25), crop_scale_min: float = 0.3,
+                   zoom_out_p: float = 0.3):
+    """Evaluation: deterministic square resize (classification: resize + centre crop). Training, after the
+    square resize: `augment` "light" (flip, scale jitter, brightness/contrast) or "strong" (zoom-out, random
+    resized crops, flip, colour jitter); classification: random resized crop, flip, colour jitter.
+    Boxes (tv_tensors.BoundingBoxes) and masks (tv_tensors.Mask, padded with 255 = ignore) follow the image;
+    padding fills images with the backbone's mean colour (0 after normalisation)."""
     from torchvision import tv_tensors
     from torchvision.transforms import v2
 
     mean, std = NORMALIZATION[backbone]
+    fill = {tv_tensors.Image: [round(255 * m) for m in mean], tv_tensors.Mask: IGNORE_INDEX, "others": 0}
     if task == "cls":
         ops = ([v2.RandomResizedCrop(size, scale=(0.35, 1.0), antialias=True), v2.RandomHorizontalFlip(),
                 v2.ColorJitter(0.3, 0.3, 0.3, 0.02)] if train else
                [v2.Resize(size, antialias=True), v2.CenterCrop(size)])
     else:
         ops = [v2.Resize((size, size), antialias=True)]
-        if train:
-            fill = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX, "others": 0}
+        if train and augment == "light":
+            lo, hi = (max(1, round(size * f)) for f in scale_jitter)
+            ops += [v2.RandomHorizontalFlip(), v2.RandomResize(lo, hi + 1, antialias=True),
+                    v2.RandomCrop(size, pad_if_needed=True, fill=fill), v2.ColorJitter(0.3, 0.3)]
+        elif train and augment == "strong":
             ops += [v2.RandomZoomOut(fill=fill, side_range=(1.0, 1.6), p=zoom_out_p),
                     v2.RandomResizedCrop(size, scale=(crop_scale_min, 1.0), ratio=(0.75, 1.333), antialias=True),
                     v2.RandomHorizontalFlip(), v2.ColorJitter(0.3, 0.3, 0.3, 0.02)]
-            if task == "det":
-                ops.append(v2.SanitizeBoundingBoxes(min_size=2.0))
+        elif train:
+            raise ValueError(f"augment must be 'light' or 'strong', not {augment!r}")
+        if train and task == "det":
+            ops.append(v2.SanitizeBoundingBoxes(min_size=2.0))
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     return v2.Compose(ops)
 
@@ -694,7 +717,7 @@ class TaskDataset(torch.utils.data.Dataset):
         return sample
 
 
-def collate(samples: list[dict], num_det_classes: int = 10, stride: int = 8) -> dict:
+def collate(samples: list[dict], num_det_classes: int = 10, stride: int = 8, min_sigma: float = 0.0) -> dict:
     """Stack a task's samples; detection also gets its dense training targets (encoded here, in the
     DataLoader workers, so the GPU never waits for them)."""
     batch: dict[str, Any] = {"image": torch.stack([s["image"] for s in samples]),
@@ -704,7 +727,8 @@ def collate(samples: list[dict], num_det_classes: int = 10, stride: int = 8) -> 
         batch["boxes"] = [s["boxes"] for s in samples]
         batch["labels"] = [s["labels"] for s in samples]
         size = tuple(batch["image"].shape[-2:])
-        encoded = [encode_detection_targets(s["boxes"], s["labels"], num_det_classes, size, stride) for s in samples]
+        encoded = [encode_detection_targets(s["boxes"], s["labels"], num_det_classes, size, stride,
+                                            min_sigma=min_sigma) for s in samples]
         for key in encoded[0]:
             batch[key] = torch.stack([e[key] for e in encoded])
     if "mask" in samples[0]:
@@ -714,17 +738,39 @@ def collate(samples: list[dict], num_det_classes: int = 10, stride: int = 8) -> 
     return batch
 
 
+def repeat_factors(data: TaskData, thresh: float = 0.3) -> list[float]:
+    """LVIS repeat-factor sampling (Gupta et al., 2019): a class seen in a fraction f of the images gets
+    r = max(1, sqrt(thresh / f)); an image is drawn in proportion to the largest r of its classes."""
+    present = [set(s["labels"].tolist()) for s in data.samples]
+    counts: dict[int, int] = {}
+    for classes in present:
+        for c in classes:
+            counts[c] = counts.get(c, 0) + 1
+    r = {c: max(1.0, math.sqrt(thresh / (n / len(present)))) for c, n in counts.items()}
+    return [max((r[c] for c in classes), default=1.0) for classes in present]
+
+
 def make_loader(data: TaskData, cfg: Config, train: bool, batch_size: int | None = None,
                 indices: Sequence[int] | None = None, generator: torch.Generator | None = None,
                 drop_last: bool | None = None) -> torch.utils.data.DataLoader:
-    size = cfg.cls_image_size if data.task == "cls" else cfg.image_size
-    dataset = TaskDataset(data, size, train, cfg.backbone, indices=indices,
-                          crop_scale_min=cfg.crop_scale_min, zoom_out_p=cfg.zoom_out_p)
-    bs = batch_size or cfg.batch_size
+    """Batches of one task's split: training augmentation and shuffling when `train` (detection images drawn
+    by repeat factor when cfg.det_sampling says so), else the deterministic evaluation transform in order."""
     from functools import partial
+    size = cfg.cls_image_size if data.task == "cls" else cfg.image_size
+    dataset = TaskDataset(data, size, train, cfg.backbone, indices=indices, augment=cfg.augment.get(data.task, "strong"),
+                          scale_jitter=tuple(cfg.scale_jitter), crop_scale_min=cfg.crop_scale_min,
+                          zoom_out_p=cfg.zoom_out_p)
+    bs = batch_size or cfg.batch_size
+    sampler = None
+    if train and data.task == "det" and indices is None and cfg.det_sampling == "repeat_factor":
+        sampler = torch.utils.data.WeightedRandomSampler(repeat_factors(data, cfg.repeat_thresh), len(dataset),
+                                                         generator=generator)
+    elif cfg.det_sampling not in ("uniform", "repeat_factor"):
+        raise ValueError(f"det_sampling must be 'uniform' or 'repeat_factor', not {cfg.det_sampling!r}")
     return torch.utils.data.DataLoader(
-        dataset, batch_size=bs, shuffle=train, num_workers=cfg.num_workers, generator=generator,
-        collate_fn=partial(collate, num_det_classes=cfg.num_det_classes), persistent_workers=False,
+        dataset, batch_size=bs, shuffle=train and sampler is None, sampler=sampler, num_workers=cfg.num_workers,
+        generator=generator, persistent_workers=False,
+        collate_fn=partial(collate, num_det_classes=cfg.num_det_classes, min_sigma=cfg.det_min_sigma),
         drop_last=(train and len(dataset) > bs) if drop_last is None else drop_last,
         pin_memory=torch.cuda.is_available())
 
@@ -961,10 +1007,17 @@ class EfficientNetBackbone(nn.Module):
         return feats
 
 
-def _conv_gn_relu(cin: int, cout: int, k: int = 3) -> nn.Sequential:
-    """Conv + GroupNorm + ReLU. GroupNorm has no running statistics, so a later stage cannot shift it
-    through batch statistics; it also behaves the same at batch 1 (latency) and batch 16 (training)."""
-    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.GroupNorm(8, cout), nn.ReLU(inplace=True))
+NORM_LAYERS = {"gn": lambda c: nn.GroupNorm(8, c), "bn": nn.BatchNorm2d}
+
+
+def conv_norm_relu(cin: int, cout: int, k: int = 3, norm: str = "gn") -> nn.Sequential:
+    """Conv + norm + ReLU. GroupNorm ("gn") has no running statistics, so a later stage cannot shift it
+    through batch statistics, and it behaves the same at batch 1 (latency) and batch 16 (training);
+    BatchNorm ("bn") normalises with the batch's statistics in training and running ones in evaluation."""
+    if norm not in NORM_LAYERS:
+        raise ValueError(f"norm must be one of {sorted(NORM_LAYERS)}, not {norm!r}")
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), NORM_LAYERS[norm](cout),
+                         nn.ReLU(inplace=True))
 
 
 class FPNNeck(nn.Module):
@@ -973,10 +1026,10 @@ class FPNNeck(nn.Module):
     and VOC boundaries resolvable; stride 32 context (and the 1280-d ImageNet features, which carry
     classification) reaches every stride-8 cell through the top-down path."""
 
-    def __init__(self, in_channels: Sequence[int], channels: int = 128):
+    def __init__(self, in_channels: Sequence[int], channels: int = 128, norm: str = "gn"):
         super().__init__()
         self.laterals = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)
-        self.fuse = _conv_gn_relu(channels, channels)
+        self.fuse = conv_norm_relu(channels, channels, norm=norm)
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         x = self.laterals[-1](feats[-1])
@@ -989,11 +1042,12 @@ class UniHead(nn.Module):
     """The shared head: exactly three layers in one branch (3x3 conv-GN-ReLU, 3x3 conv-GN-ReLU, 1x1 conv).
     The last conv emits one tensor whose channels hold all three tasks (see `output_layout`)."""
 
-    def __init__(self, channels: int = 128, num_det_classes: int = 10, prior: float = 0.01):
+    def __init__(self, channels: int = 128, num_det_classes: int = 10, prior: float = 0.01, norm: str = "gn"):
         super().__init__()
         self.layout = output_layout(num_det_classes)
         out_channels = max(end for _, end in self.layout.values())
-        self.layers = nn.Sequential(_conv_gn_relu(channels, channels), _conv_gn_relu(channels, channels),
+        self.layers = nn.Sequential(conv_norm_relu(channels, channels, norm=norm),
+                                    conv_norm_relu(channels, channels, norm=norm),
                                     nn.Conv2d(channels, out_channels, 1))
         with torch.no_grad():  # focal-loss prior: start with every heatmap cell at p = 0.01
             a, b = self.layout["det_heatmap"]
@@ -1008,15 +1062,18 @@ class UniHeadNet(nn.Module):
     """Backbone -> FPN neck -> UniHead. forward() returns a dict of views cut from the one output tensor
     ('raw'): det_heatmap (logits), det_box (pixels), seg (logits at stride 8), cls (pooled logits)."""
 
-    def __init__(self, backbone: str = "efficientnet-b0", backbone_weights: str = "imagenet",
+    def __init__(self, backbone: str = "efficientnet-b0", backbone_weights: str = "imagenet", *,
                  neck_channels: int = 128, head_channels: int = 128, num_det_classes: int = 10,
-                 freeze_backbone_bn: bool = True, box_scale: float = 16.0):
+                 freeze_backbone_bn: bool = True, norm: str = "gn", drop_connect_rate: float | None = None,
+                 box_scale: float = 16.0):
         super().__init__()
         self.backbone = EfficientNetBackbone(backbone, backbone_weights, freeze_backbone_bn)
-        self.neck = FPNNeck(self.backbone.channels, neck_channels)
+        if drop_connect_rate is not None:
+            self.backbone.drop_connect_rate = drop_connect_rate
+        self.neck = FPNNeck(self.backbone.channels, neck_channels, norm=norm)
         if head_channels != neck_channels:
             raise ValueError("head_channels must equal neck_channels (the head has no extra projection layer)")
-        self.head = UniHead(head_channels, num_det_classes)
+        self.head = UniHead(head_channels, num_det_classes, norm=norm)
         self.num_det_classes, self.box_scale, self.stride = num_det_classes, box_scale, OUTPUT_STRIDE
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -1032,7 +1089,9 @@ def split_head_output(raw: torch.Tensor, layout: dict[str, tuple[int, int]], box
 
 def build_model(cfg: Config, backbone_weights: str | None = None) -> UniHeadNet:
     return UniHeadNet(cfg.backbone, cfg.backbone_weights if backbone_weights is None else backbone_weights,
-                      cfg.neck_channels, cfg.head_channels, cfg.num_det_classes, cfg.freeze_backbone_bn)
+                      neck_channels=cfg.neck_channels, head_channels=cfg.head_channels,
+                      num_det_classes=cfg.num_det_classes, freeze_backbone_bn=cfg.freeze_backbone_bn, norm=cfg.norm,
+                      drop_connect_rate=cfg.drop_connect_rate)
 
 
 def count_parameters(model: UniHeadNet) -> dict[str, int]:
@@ -1047,7 +1106,7 @@ def describe_head(model: UniHeadNet) -> list[str]:
     lines = []
     for i, layer in enumerate(model.head.layers):
         conv = layer[0] if isinstance(layer, nn.Sequential) else layer
-        extra = " + GroupNorm + ReLU" if isinstance(layer, nn.Sequential) else ""
+        extra = f" + {type(layer[1]).__name__} + ReLU" if isinstance(layer, nn.Sequential) else ""
         lines.append(f"layer {i + 1}: Conv2d {conv.in_channels}->{conv.out_channels}, "
                      f"{conv.kernel_size[0]}x{conv.kernel_size[1]}{extra}")
     return lines
@@ -1063,10 +1122,12 @@ def _cell_centres(h: int, w: int, stride: int, device=None) -> tuple[torch.Tenso
 
 
 def encode_detection_targets(boxes: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                             input_hw: tuple[int, int], stride: int = OUTPUT_STRIDE, alpha: float = 0.54) -> dict:
+                             input_hw: tuple[int, int], stride: int = OUTPUT_STRIDE, alpha: float = 0.54,
+                             min_sigma: float = 0.0) -> dict:
     """TTFNet-style dense targets for one image (boxes xyxy in input pixels).
 
-    heatmap (C, h, w): an elliptical Gaussian per box (sigma = alpha * side / 6), 1.0 at the cell that
+    heatmap (C, h, w): an elliptical Gaussian per box (sigma = alpha * side / 6, at least min_sigma cells
+    so that a small box's neighbour cells are not full negatives), 1.0 at the cell that
     holds the box centre. box_target (4, h, w): distances (l, t, r, b) in pixels from each cell centre to
     the box, on cells inside the box where its Gaussian exceeds 0.05 (smaller boxes win overlaps, and each
     box owns its centre cell). box_weight (h, w): that Gaussian, normalised per box, times log(area)."""
@@ -1084,7 +1145,8 @@ def encode_detection_targets(boxes: torch.Tensor, labels: torch.Tensor, num_clas
         x1, y1, x2, y2 = boxes[i].tolist()
         ix, iy = _free_centre_cell(x1, y1, x2, y2, stride, h, w, owned)
         owned.add((iy, ix))
-        sx, sy = max(alpha * (x2 - x1) / 6, 1e-3), max(alpha * (y2 - y1) / 6, 1e-3)
+        floor = max(min_sigma * stride, 1e-3)
+        sx, sy = max(alpha * (x2 - x1) / 6, floor), max(alpha * (y2 - y1) / 6, floor)
         px, py = (ix + 0.5) * stride, (iy + 0.5) * stride
         g = torch.exp(-((cx - px) ** 2 / (2 * sx ** 2) + (cy - py) ** 2 / (2 * sy ** 2)))
         heatmap[labels[i]] = torch.maximum(heatmap[labels[i]], g)
@@ -1166,6 +1228,16 @@ def classification_loss(out: dict, batch: dict, label_smoothing: float = 0.1) ->
 
 
 TASK_LOSS = {"det": detection_loss, "seg": segmentation_loss, "cls": classification_loss}
+
+
+def task_loss(task: str, out: dict, batch: dict, cfg: Config) -> dict[str, torch.Tensor]:
+    """A task's own loss terms with the run's settings (box weight, label smoothing), wherever the task is
+    trained: as the stage's task or as replay."""
+    if task == "det":
+        return detection_loss(out, batch, cfg.box_loss_weight)
+    if task == "cls":
+        return classification_loss(out, batch, cfg.label_smoothing)
+    return TASK_LOSS[task](out, batch)
 
 
 def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
@@ -1542,7 +1614,7 @@ def training_step_loss(model: UniHeadNet, teacher: UniHeadNet | None, task: str,
     images plus distillation there too."""
     terms: dict[str, torch.Tensor] = {}
     out = model(batch["image"])
-    own = TASK_LOSS[task](out, batch) if task != "cls" else classification_loss(out, batch, cfg.label_smoothing)
+    own = task_loss(task, out, batch, cfg)
     terms.update({name: cfg.task_weight[task] * value for name, value in own.items()})
     if teacher is not None and earlier:
         with torch.no_grad():
@@ -1551,7 +1623,7 @@ def training_step_loss(model: UniHeadNet, teacher: UniHeadNet | None, task: str,
             terms[f"kd_{e}"] = cfg.kd_current_weight * cfg.kd_weight[e] * distillation_loss(e, out, t_out, cfg)
     for r_task, r_batch in replay.items():
         r_out = model(r_batch["image"])
-        for name, value in TASK_LOSS[r_task](r_out, r_batch).items():
+        for name, value in task_loss(r_task, r_out, r_batch, cfg).items():
             terms[f"replay_{name}"] = cfg.replay_weight * value
         if teacher is not None:
             with torch.no_grad():
@@ -1582,13 +1654,33 @@ def _state_on_cpu(model: nn.Module) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
+class WeightEMA:
+    """Exponential moving average of a model's floating-point state (weights and BatchNorm statistics),
+    kept in a frozen copy of the model. The decay ramps up as min(decay, (1 + n) / (10 + n)) over the first
+    updates, so early averages are not dominated by the random initialisation."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.model, self.decay, self.updates = freeze_teacher(model), decay, 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for ema, live in zip(self.model.state_dict().values(), model.state_dict().values()):
+            if ema.dtype.is_floating_point:
+                ema.mul_(d).add_(live.detach(), alpha=1 - d)
+            else:
+                ema.copy_(live)
+
+
 def train_stage(model: UniHeadNet, task: str, data: dict, cfg: Config, stage_dir: Path,
                 earlier: Sequence[str] = (), teacher: UniHeadNet | None = None, replay: bool = False,
                 lr_scale: float = 1.0, device: torch.device | None = None, seed: int = 0,
                 label: str = "") -> dict:
     """Train `model` on one task (train split) for cfg.epochs[task] epochs, resuming from stage_dir/last.pt.
     Replay (when `replay`) draws from the earlier tasks; distillation uses `teacher` (frozen).
-    The best epoch by the task's own val metric is restored at the end. Returns the stage record."""
+    The stage ends with its last epoch's weights (their moving average when cfg.ema_decay > 0): val is only
+    watched (every eval_every epochs, for the curves), never used to choose. Returns the stage record."""
     from tqdm.auto import tqdm
     device = device or next(model.parameters()).device
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -1605,8 +1697,9 @@ def train_stage(model: UniHeadNet, task: str, data: dict, cfg: Config, stage_dir
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, warmup))
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     metric_key = TASK_METRIC[task]
-    start_epoch, best, best_state, history, seconds = 0, -1.0, None, [], 0.0
+    start_epoch, history, seconds = 0, [], 0.0
     last = stage_dir / "last.pt"
     if last.is_file():  # resume inside the stage
         ckpt = torch.load(last, map_location="cpu", weights_only=False)
@@ -1614,8 +1707,10 @@ def train_stage(model: UniHeadNet, task: str, data: dict, cfg: Config, stage_dir
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, best, best_state = ckpt["epoch"], ckpt["best"], ckpt["best_state"]
-        history, seconds = ckpt["history"], ckpt["seconds"]
+        if ema is not None:
+            ema.model.load_state_dict(ckpt["ema"])
+            ema.updates = ckpt["ema_updates"]
+        start_epoch, history, seconds = ckpt["epoch"], ckpt["history"], ckpt["seconds"]
         generator.set_state(ckpt["generator"])
         print(f"resuming {label or task} from epoch {start_epoch}/{epochs}")
     model.train()
@@ -1640,6 +1735,8 @@ def train_stage(model: UniHeadNet, task: str, data: dict, cfg: Config, stage_dir
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            if ema is not None:
+                ema.update(model)
             n += 1
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.item()
@@ -1649,14 +1746,11 @@ def train_stage(model: UniHeadNet, task: str, data: dict, cfg: Config, stage_dir
         train_seconds = time.time() - t0
         row = {"epoch": epoch + 1, **{k: v / max(1, n) for k, v in sums.items()},
                "lr": optimizer.param_groups[-1]["lr"], "train_seconds": round(train_seconds, 2)}
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == epochs:
-            m = evaluate(model, {task: data[task]["val"]}, cfg, device, [task])
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == epochs:  # watched, never used to choose
+            m = evaluate(ema.model if ema else model, {task: data[task]["val"]}, cfg, device, [task])
             row[metric_key] = m[metric_key]
             if task == "det":
                 row["det.map50"] = m["det.map50"]
-            if m[metric_key] >= best:  # ties go to the later epoch: distillation has had longer to pull back
-                best, best_state = m[metric_key], _state_on_cpu(model)
-                row["best"] = True
         seconds += time.time() - t0
         row["seconds"] = round(time.time() - t0, 2)
         history.append(row)
@@ -1667,13 +1761,12 @@ def train_stage(model: UniHeadNet, task: str, data: dict, cfg: Config, stage_dir
         if (epoch + 1) % cfg.checkpoint_every == 0 and epoch + 1 < epochs:
             _save({"model": _state_on_cpu(model), "optimizer": optimizer.state_dict(),
                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
-                   "best": best, "best_state": best_state, "history": history, "seconds": seconds,
-                   "generator": generator.get_state(), "config": cfg.to_dict()}, last)
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    best_epoch = max((r["epoch"] for r in history if r.get("best")), default=epochs)
-    return {"task": task, "epochs": epochs, "best_epoch": best_epoch, "best_val": best, "seconds": seconds,
-            "history": history}
+                   "history": history, "seconds": seconds, "generator": generator.get_state(),
+                   "ema": _state_on_cpu(ema.model) if ema else None, "ema_updates": ema.updates if ema else 0,
+                   "config": cfg.to_dict()}, last)
+    if ema is not None:
+        model.load_state_dict(ema.model.state_dict())
+    return {"task": task, "epochs": epochs, "seconds": seconds, "history": history}
 
 
 # ==================================================================================================
@@ -1768,7 +1861,7 @@ def run_sequence(cfg: Config, data: dict, strategy: str | None = None, upto: int
             teacher=teacher if full else None, replay=full, device=device, lr_scale=cfg.lr_scale[task],
             seed=cfg.seed + 100 * k, label=f"{strategy}:{name}")
         rows.append(record["val"])
-        stages.append({key: record[key] for key in ("task", "epochs", "best_epoch", "best_val", "seconds")})
+        stages.append({key: record[key] for key in ("task", "epochs", "seconds")})
         print(f"[{strategy}] after {name}: " + ", ".join(f"{m}={v:.4f}" for m, v in headline(record["val"]).items())
               + f" | this call {(time.time() - t_start) / 60:.1f} min, trained "
               f"{sum(s['seconds'] for s in stages) / 60:.1f} min of a {cfg.time_budget_min:.0f} min budget")

@@ -1,0 +1,133 @@
+"""One training stage as a measured experiment: the unit of the ablations behind the recipe.
+
+    # single-task detection from the ImageNet backbone, quick profile, one factor changed
+    python tools/experiment.py det-light-aug --task det --set augment='{"det": "light"}'
+    # a later stage from saved weights, with replay and distillation of the earlier tasks
+    python tools/experiment.py s3-lpft --task cls --init runs/quick/full/stage2_det/weights.pt --earlier seg,det
+    # the table of every experiment in a folder
+    python tools/experiment.py --table results/experiments/det
+
+Each run writes <out>/<name>.json (overrides, the whole config, device, date, commit, the val metrics of the
+last epoch with per-class AP50, train images/s) and <out>/<name>/log.csv. Nothing is chosen on val: the
+stage's last epoch is what is scored. --set takes config fields as key=JSON (strings may be bare).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import helpers as H  # noqa: E402
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    overrides = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def images_per_step(cfg: H.Config, earlier: list[str], replay: bool) -> int:
+    return cfg.batch_size + (cfg.replay_per_task * len(earlier) if replay else 0)
+
+
+def run(args: argparse.Namespace) -> dict:
+    overrides = parse_overrides(args.set)
+    cfg = H.make_config(args.profile, data_root=args.data_root, seed=args.seed,
+                        out_dir=str(Path(args.out) / args.name), **overrides)
+    data = H.prepare_data(cfg, verbose=False)
+    device = H.pick_device(cfg)
+    model = H.initial_model(cfg, device)
+    earlier = [t for t in args.earlier.split(",") if t]
+    teacher = None
+    if args.init:
+        model.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=False)["model"])
+        teacher = H.freeze_teacher(model) if earlier else None
+    stage_dir = Path(cfg.out_dir)
+    for stale in ("last.pt", "log.csv"):
+        (stage_dir / stale).unlink(missing_ok=True)
+    t0 = time.time()
+    record = H.train_stage(model, args.task, data, cfg, stage_dir, earlier=earlier, teacher=teacher,
+                           replay=bool(earlier), device=device, lr_scale=cfg.lr_scale[args.task],
+                           seed=cfg.seed + args.seed_offset, label=args.name)
+    wall = time.time() - t0
+    tasks = [args.task] + earlier
+    metrics = H.evaluate(model, {t: data[t]["val"] for t in tasks}, cfg, device, tasks)
+    train_seconds = sum(r["train_seconds"] for r in record["history"])
+    steps = len(record["history"]) * len(H.make_loader(data[args.task]["train"], cfg, train=True))
+    result = {"name": args.name, "task": args.task, "init": args.init, "earlier": earlier, "overrides": overrides,
+              "profile": cfg.profile, "seed": cfg.seed, "device": H.describe_device(device),
+              "date": dt.date.today().isoformat(), "commit": git_commit(), "config": cfg.to_dict(),
+              "metrics": {k: v for k, v in metrics.items() if not isinstance(v, list)},
+              "train_images_per_s": steps * images_per_step(cfg, earlier, bool(earlier)) / train_seconds,
+              "train_seconds": train_seconds, "wall_seconds": wall, "history": record["history"]}
+    H.write_json(result, Path(args.out) / f"{args.name}.json")
+    if args.keep_weights:
+        torch.save({"model": H._state_on_cpu(model), "config": cfg.to_dict()}, stage_dir / "weights.pt")
+    print(json.dumps({"name": args.name, **H.headline(metrics)}))
+    return result
+
+
+COLUMNS = [("det.map", "mAP"), ("det.map50", "mAP@0.5"), ("seg.miou", "mIoU"), ("cls.top1", "Top-1")]
+
+
+def table(folder: Path) -> str:
+    rows = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    rows.sort(key=lambda r: (r["task"], r.get("date", ""), r["name"]))
+    present = [(k, t) for k, t in COLUMNS if any(k in r["metrics"] for r in rows)]
+    lines = ["| experiment | changes | seed | " + " | ".join(t for _, t in present) + " | train img/s | device | date |",
+             "| --- | --- | ---: | " + " | ".join("---:" for _ in present) + " | ---: | --- | --- |"]
+    for r in rows:
+        changes = ", ".join(f"{k}={json.dumps(v)}" for k, v in r["overrides"].items()) or "(profile defaults)"
+        values = " | ".join(f"{r['metrics'][k]:.4f}" if r["metrics"].get(k) is not None else "" for k, _ in present)
+        lines.append(f"| {r['name']} | {changes} | {r['seed']} | {values} | {r['train_images_per_s']:.1f} | "
+                     f"{r['device']} | {r['date']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", nargs="?", help="experiment name (file name of its record)")
+    p.add_argument("--task", choices=H.TASKS, help="the task this stage trains")
+    p.add_argument("--profile", default="quick")
+    p.add_argument("--data_root", default=str(ROOT.parent / "shared" / "data"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed-offset", type=int, default=1000,
+                   help="added to the seed for the stage's draws (1000: as the single-task baselines)")
+    p.add_argument("--init", default=None, help="weights.pt to start from (default: the ImageNet backbone)")
+    p.add_argument("--earlier", default="", help="comma list of earlier tasks: replay and distillation of them")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON", help="config override")
+    p.add_argument("--out", default=str(ROOT / "results" / "experiments"))
+    p.add_argument("--keep-weights", action="store_true", help="also save the stage's weights.pt")
+    p.add_argument("--table", metavar="DIR", help="print the Markdown table of the experiments in DIR and exit")
+    args = p.parse_args(argv)
+    if args.table:
+        print(table(Path(args.table)), end="")
+        return
+    if not args.name or not args.task:
+        p.error("an experiment needs a name and --task")
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
