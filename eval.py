@@ -5,17 +5,20 @@
     python eval.py --weights final.pt --data_root data --save-predictions preds/
 
 Prints mAP@[.5:.95], mAP@0.5, mIoU and Top-1. The checkpoint carries its config and class lists, so
-nothing else is needed. A missing or incompatible checkpoint or a bad data root ends with a one-line
-error and exit status 2.
+nothing else is needed. Every problem found before the evaluation (a missing or incompatible checkpoint,
+a bad data root, an unknown task, a device that is not there, an --out that cannot be written) ends with
+a one-line error and exit status 2. Detection classes of the checkpoint that the split has no category
+for are named in one line and left out of the mAP (or, with --strict-classes, end the run with status 2).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
 from pathlib import Path
+
+import torch
 
 import helpers as H
 
@@ -32,6 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="write metrics JSON here (keys det.map, det.map50, seg.miou, cls.top1, ...)")
     p.add_argument("--save-predictions", default=None, metavar="DIR",
                    help="write detections.json (COCO results), segmentation/*.png, classification.csv")
+    p.add_argument("--strict-classes", action="store_true",
+                   help="fail (status 2) when the split lacks a detection class of the checkpoint")
     return p.parse_args(argv)
 
 
@@ -40,26 +45,67 @@ def fail(message: str) -> None:
     raise SystemExit(2)
 
 
+def check_device(name: str) -> torch.device:
+    try:
+        device = H.pick_device(H.Config(device=name))
+    except RuntimeError as exc:
+        fail(f"--device {name!r}: {exc}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {name!r}: CUDA is not available on this machine (use --device cpu or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        fail(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def check_writable(path: str | None, what: str) -> None:
+    """Fail now, not after the evaluation, when `path` cannot be written."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir() and what == "--out":
+        fail(f"{what} {path}: is a folder; give a file name")
+    folder = target if what == "--save-predictions" else target.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".eval-write-test-{time.time_ns()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        fail(f"{what} {path}: cannot be written ({exc.strerror or exc})")
+
+
+def load_data(args, tasks: list[str], payload: dict) -> dict:
+    """The split of each task, labelled with the checkpoint's class lists; missing detection classes are
+    named in one line (or fail with --strict-classes)."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            data = {t: H.load_task(args.data_root, t, args.split, payload["classes"][t], strict=args.strict_classes)
+                    for t in tasks}
+    except H.DatasetError as exc:
+        fail(f"bad data root: {exc}")
+    for w in caught:
+        if "no category named" in str(w.message):
+            print(f"note: {w.message}", file=sys.stderr)
+    return data
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     tasks = list(H.TASKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in H.TASKS]
     if unknown or not tasks:
         fail(f"--tasks {args.tasks!r}: unknown task(s) {unknown}; use all or a comma list of {','.join(H.TASKS)}")
-    device = H.pick_device(H.Config(device=args.device))
+    device = check_device(args.device)
+    check_writable(args.out, "--out")
+    check_writable(args.save_predictions, "--save-predictions")
     try:
         model, cfg, payload = H.load_checkpoint(args.weights, device)
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
     if args.batch_size:
         cfg.batch_size = args.batch_size
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            data = {t: H.load_task(args.data_root, t, args.split, payload["det_classes"], strict_classes=False)
-                    for t in tasks}
-    except H.DatasetError as exc:
-        fail(f"bad data root: {exc}")
+    data = load_data(args, tasks, payload)
     t0 = time.time()
     metrics = H.evaluate(model, data, cfg, device, tasks, keep_predictions=bool(args.save_predictions))
     predictions = metrics.pop("predictions", None)
@@ -68,14 +114,12 @@ def main(argv=None) -> dict:
     names = {"det.map": "mAP@[.5:.95]", "det.map50": "mAP@0.5", "seg.miou": "mIoU", "cls.top1": "Top-1"}
     for key, value in H.headline(metrics).items():
         print(f"{names[key]:>14}: {value:.4f}")
-    result = {**metrics, "split": args.split, "weights": str(args.weights),
-              "det_classes": payload["det_classes"], "seg_classes": payload["seg_classes"],
-              "cls_classes": payload["cls_classes"]}
+    result = {**metrics, "split": args.split, "weights": str(args.weights), "classes": payload["classes"]}
     if args.out:
         H.write_json(result, Path(args.out))
         print(f"metrics written to {args.out}")
     if args.save_predictions:
-        written = H.save_predictions(predictions, data, args.save_predictions)
+        written = H.save_predictions(predictions, args.save_predictions)
         print("predictions written: " + ", ".join(str(p) for p in written.values()))
     return result
 

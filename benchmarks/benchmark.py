@@ -28,30 +28,24 @@ HERE = Path(__file__).resolve().parent
 
 
 def training_throughput(cfg: H.Config, data: dict, steps: int, device: torch.device) -> dict:
-    """Images per second of full training steps (forward, losses, backward, optimizer) for each stage."""
+    """Images per second of the pipeline's own training step (helpers.train_step: every loss term, backward,
+    clipping, AdamW, schedule, EMA) for each stage, with that stage's replay and a teacher to distil from.
+    The clock covers the step only; the batches come from the stage's own loaders beforehand."""
     model = H.initial_model(cfg, device)
     teacher = H.freeze_teacher(model)
     out = {}
     for k, task in enumerate(cfg.order):
         earlier = list(cfg.order[:k])
-        loader = H.make_loader(data[task]["train"], cfg, train=True)
-        sampler = H.ReplaySampler({t: data[t]["train"] for t in earlier}, earlier, cfg, seed=0) if earlier else None
-        optimizer = torch.optim.AdamW(H._param_groups(model, cfg, 1.0))
-        scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
-        it, images, elapsed = H._cycle(loader), 0, 0.0
+        stage = H.make_stage(model, task, data, cfg, earlier=earlier, teacher=teacher if earlier else None,
+                             replay=bool(earlier), device=device)
+        batches = (batch for _ in iter(int, 1) for batch in stage.loader)  # the loader, epoch after epoch
+        images, elapsed = 0, 0.0
         for i in range(steps + 2):  # two warm-up steps
-            batch = H._batch_to(next(it), device, cfg.channels_last)
-            replay = {t: H._batch_to(b, device, cfg.channels_last) for t, b in sampler.next().items()} if sampler else {}
+            batch, replay = H.batch_to_device(next(batches), device, cfg.channels_last), H.next_replay(stage)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            with H._autocast(device, cfg.amp):
-                loss = sum(H.training_step_loss(model, teacher if earlier else None, task, batch, replay, earlier,
-                                                cfg).values())
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            H.train_step(stage, batch, replay)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if i >= 2:
@@ -71,7 +65,7 @@ def write_table(results_dir: Path, readme: Path) -> None:
         amp = f"{lat[True]['median_ms']:.1f}" if True in lat else "n/a (CPU)"
         tr = r["training"]
         train = " / ".join(f"{tr[t]['images_per_s']:.1f}" for t in ("seg", "det", "cls") if t in tr)
-        wall = f"{r['pipeline']['train_seconds_method'] / 60:.1f}" if r.get("pipeline") else "n/a"
+        wall = f"{r['pipeline']['train_seconds']['method'] / 60:.1f}" if r.get("pipeline") else "n/a"
         lines.append(f"| {r['device']} | {r['date']} | {r['parameters']['total']:,} | {lat[False]['median_ms']:.1f} | "
                      f"{amp} | {r['throughput']['images_per_s']:.1f} ({r['throughput']['batch']}) | {train} "
                      f"({r['train_image_size']} px) | {wall} |")
@@ -116,8 +110,7 @@ def main(argv=None) -> dict:
               "input_pipeline": pipeline, "training": training_throughput(cfg, data, args.train_steps, device)}
     if args.run_dir:
         resources = json.loads((Path(args.run_dir) / "resources.json").read_text())
-        result["pipeline"] = {k: resources[k] for k in ("train_seconds_method", "train_seconds_all_runs",
-                                                        "train_seconds_per_stage", "device", "profile")}
+        result["pipeline"] = {k: resources[k] for k in ("train_seconds", "train_seconds_per_stage", "device", "profile")}
     slug = re.sub(r"[^A-Za-z0-9]+", "-", result["device"]).strip("-").lower()
     out = Path(args.out) if args.out else HERE / "results" / f"{slug}.json"
     H.write_json(result, out)

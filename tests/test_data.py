@@ -125,7 +125,7 @@ def test_detection_loader_reads_what_was_written(syn):
 def test_detection_explicit_class_names_are_honoured(syn):
     layout, root = syn
     wanted = ["kite", "person"]
-    td = H.load_detection_split(root, "train", class_names=wanted)
+    td = H.load_detection_split(root, "train", classes=wanted)
     assert td.class_names == wanted
     coco = json.loads(det_json(root, layout, "train").read_text())
     id_to_name = {c["id"]: c["name"] for c in coco["categories"]}
@@ -372,9 +372,9 @@ def test_bad_input_raises_dataset_error_naming_the_file(case, small_root, tmp_pa
 
 def test_unknown_class_name_requested(synthetic_root):
     with pytest.raises(H.DatasetError, match="unicorn"):
-        H.load_task(synthetic_root, "det", "train", det_classes=["person", "unicorn"])
+        H.load_task(synthetic_root, "det", "train", classes=["person", "unicorn"])
     with pytest.raises(H.DatasetError, match="unicorn"):
-        H.check_dataset(synthetic_root, det_classes=["unicorn"])
+        H.check_dataset(synthetic_root, classes={"det": ["unicorn"]})
 
 
 def test_selected_class_missing_from_val_gets_no_ground_truth(small_root, tmp_path):
@@ -408,7 +408,7 @@ def test_selected_class_missing_from_val_gets_no_ground_truth(small_root, tmp_pa
     assert sum(bool(np.isnan(v)) for v in m["per_class_ap"].values()) == len(no_gt)
     # asked for explicitly (strict, the default), the missing class is an error naming it
     with pytest.raises(H.DatasetError, match="dog"):
-        H.load_detection_split(root, "val", class_names=train.class_names)
+        H.load_detection_split(root, "val", classes=train.class_names)
 
 
 def test_read_image_missing_file(tmp_path):
@@ -447,7 +447,7 @@ def test_eval_transform_scales_boxes_exactly_and_back():
     g = torch.Generator().manual_seed(0)
     image = torch.randint(0, 256, (3, 80, 100), dtype=torch.uint8, generator=g)
     box = [10.0, 20.0, 50.0, 60.0]
-    out = H.make_transform("det", 64, train=False)(_det_item(image, [box], [3]))
+    out = H.dense_transform(64, train=False, sanitize_boxes=True)(_det_item(image, [box], [3]))
     assert tuple(out["image"].shape) == (3, 64, 64) and out["image"].dtype == torch.float32
     expected = torch.tensor([[10 * 64 / 100, 20 * 64 / 80, 50 * 64 / 100, 60 * 64 / 80]])  # 6.4, 16, 32, 48
     torch.testing.assert_close(out["boxes"].as_subclass(torch.Tensor), expected, atol=1e-4, rtol=0)
@@ -467,7 +467,7 @@ def test_eval_transform_resizes_masks_with_nearest_labels():
     mask[20:60, 10:50] = 7
     mask[20:60, 50] = 255
     from torchvision import tv_tensors
-    out = H.make_transform("seg", 64, train=False)({"image": tv_tensors.Image(torch.zeros(3, 80, 100, dtype=torch.uint8)),
+    out = H.dense_transform(64, train=False)({"image": tv_tensors.Image(torch.zeros(3, 80, 100, dtype=torch.uint8)),
                                                     "mask": tv_tensors.Mask(mask)})
     assert tuple(out["mask"].shape) == (64, 64)
     assert set(out["mask"].unique().tolist()) == {0, 7, 255}  # no interpolated values
@@ -493,10 +493,12 @@ def _mask_rect(mask: torch.Tensor, label: int) -> list[int] | None:
     return [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
 
 
+@pytest.mark.parametrize("augment", ["strong", "light"])
 @pytest.mark.parametrize("task", ["det", "seg"])
-def test_training_transform_keeps_boxes_and_masks_aligned(task):
+def test_training_transform_keeps_boxes_and_masks_aligned(task, augment):
     """Objects are rectangles, so each object's mask region IS its box: after the random zoom-out, crop,
-    resize and flip, the mask region's bounding rectangle must still be the transformed box."""
+    resize and flip ("strong") or scale jitter, crop or pad and flip ("light"), the mask region's bounding
+    rectangle must still be the transformed box."""
     h, w, size = 96, 128, 64
     boxes = [[8, 10, 56, 70], [70, 40, 120, 90]]  # asymmetric, so a flip moves them
     labels = [7, 12]
@@ -505,14 +507,14 @@ def test_training_transform_keeps_boxes_and_masks_aligned(task):
     for (x1, y1, x2, y2), lab in zip(boxes, labels):
         mask[y1:y2, x1:x2] = lab
         image[:, y1:y2, x1:x2] = 40 * (lab % 5) + 50
-    transform = H.make_transform(task, size, train=True)
+    transform = H.dense_transform(size, train=True, augment=augment, sanitize_boxes=task == "det")
     compared, flipped, results = 0, 0, set()
     for seed in range(12):
         torch.manual_seed(seed)
         out = transform(_det_item(image, boxes, labels, mask))
         out_mask = out["mask"].as_subclass(torch.Tensor)
         assert tuple(out_mask.shape) == (size, size) and tuple(out["image"].shape) == (3, size, size)
-        assert set(out_mask.unique().tolist()) <= {0, 7, 12, 255}  # zoom-out fills the mask with 255
+        assert set(out_mask.unique().tolist()) <= {0, 7, 12, 255}  # zoom-out and padding fill the mask with 255
         out_boxes = out["boxes"].as_subclass(torch.Tensor)
         out_labels = out["labels"].tolist()
         assert len(out_boxes) == len(out_labels)
@@ -539,22 +541,68 @@ def test_training_transform_keeps_boxes_and_masks_aligned(task):
     assert len(results) >= 10  # the seeds give different augmentations
 
 
+def test_light_augmentation_pads_with_the_mean_and_ignore():
+    """Scaled below the input size, an image is padded with the backbone's mean colour (0 after
+    normalisation) and its mask with 255 (ignore): the padding is neither a colour nor a class."""
+    from torchvision import tv_tensors
+    image = torch.full((3, 64, 64), 255, dtype=torch.uint8)
+    mask = torch.ones(64, 64, dtype=torch.uint8)
+    transform = H.dense_transform(64, train=True, augment="light", scale_jitter=(0.5, 0.5),
+                                  backbone="efficientnet-lite0")
+    torch.manual_seed(0)
+    out = transform({"image": tv_tensors.Image(image), "mask": tv_tensors.Mask(mask)})
+    pad = out["mask"].as_subclass(torch.Tensor) == 255
+    assert 0.7 < pad.float().mean() < 0.8  # a 32x32 image in a 64x64 canvas: 3/4 of it padding
+    padded_pixels = out["image"][:, pad]
+    assert padded_pixels.abs().max() < 0.01  # the mean colour normalises to 0
+    assert (out["image"][:, ~pad] > 0.3).all()  # white, however the brightness jitter fell
+
+
 def test_task_dataset_and_collate_shapes(synthetic_root):
     data = H.load_all(synthetic_root, verbose=False)
+    cfg = H.make_config("smoke", image_size=96, cls_image_size=64)
     for task, size in (("det", 96), ("seg", 96), ("cls", 64)):
-        ds = H.TaskDataset(data[task]["train"], size, train=True, indices=range(3))
-        batch = H.collate([ds[i] for i in range(3)])
+        ds = H.TaskDataset(data[task]["train"], cfg, train=True, indices=range(3))
+        batch = H.collate([ds[i] for i in range(3)], ragged=H.TASK_TABLE[task].ragged)
         assert tuple(batch["image"].shape) == (3, 3, size, size)
         assert batch["index"].tolist() == [0, 1, 2]
         assert batch["orig_size"] == [tuple(data[task]["train"].samples[i]["image"].shape[1:]) for i in range(3)]
         if task == "det":
             assert tuple(batch["heatmap"].shape) == (3, 10, size // 8, size // 8)
             assert tuple(batch["box_target"].shape) == (3, 4, size // 8, size // 8)
-            assert len(batch["boxes"]) == 3
+            assert isinstance(batch["boxes"], list) and len(batch["boxes"]) == 3
         elif task == "seg":
             assert tuple(batch["mask"].shape) == (3, size, size) and batch["mask"].dtype == torch.int64
         else:
             assert batch["label"].tolist() == [data["cls"]["train"].samples[i]["label"] for i in range(3)]
+
+
+def test_repeat_factors_known_answer():
+    """LVIS repeat factors: classes in images [0,1], [0], [0], [2]; f = 3/4, 1/4, 1/4 at t = 0.5 gives
+    r = 1, sqrt(2), sqrt(2); each image takes its largest r."""
+    labels = [[0, 1], [0], [0], [2]]
+    td = H.TaskData("det", "train", [{"labels": torch.tensor(l)} for l in labels], ["a", "b", "c"], "coco")
+    assert H.repeat_factors(td, 0.5) == pytest.approx([2 ** 0.5, 1.0, 1.0, 2 ** 0.5])
+    cfg = H.make_config("smoke", det_sampling="repeat_factor", repeat_thresh=0.5)
+    assert H.TASK_TABLE["det"].sampling_weights(td, cfg) == pytest.approx([2 ** 0.5, 1.0, 1.0, 2 ** 0.5])
+    assert H.TASK_TABLE["det"].sampling_weights(td, H.make_config("smoke")) is None
+
+
+def test_classification_labels_follow_the_given_class_list(synthetic_root, tmp_path):
+    """With a checkpoint's class list, a split lacking a class folder keeps every other label right;
+    strict loading refuses it, and a folder of an unknown class is always refused."""
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root / "imagenette_160", root / "imagenette_160")
+    classes = H.load_classification_split(root, "val").class_names
+    shutil.rmtree(root / "imagenette_160" / "val" / "n01440764")  # tench, label 0
+    td = H.load_classification_split(root, "val", classes, strict=False)
+    assert td.class_names == classes
+    assert all(classes[s["label"]] == H.IMAGENETTE_CLASSES[s["file"].split("/")[0]] for s in td.samples)
+    assert min(s["label"] for s in td.samples) == 1
+    with pytest.raises(H.DatasetError, match="tench"):
+        H.load_classification_split(root, "val", classes, strict=True)
+    with pytest.raises(H.DatasetError, match="n02102040"):
+        H.load_classification_split(root, "val", [c for c in classes if c != "English springer"], strict=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -588,7 +636,7 @@ def test_download_skipped_when_the_folders_exist(tmp_path, monkeypatch):
     gdown = pytest.importorskip("gdown")
     calls = []
     monkeypatch.setattr(gdown, "download", lambda *a, **k: calls.append(k))
-    for name in H.DATASET_DIRS.values():
+    for name in H.dataset_folders():
         (tmp_path / name).mkdir()
     assert H.download_data(tmp_path) == tmp_path
     assert calls == []
@@ -599,13 +647,13 @@ def test_download_unpacks_nested_zip(tmp_path, monkeypatch):
 
     def fake_download(id, output, quiet):  # noqa: A002 - gdown's keyword
         with zipfile.ZipFile(output, "w") as zf:
-            for name in H.DATASET_DIRS.values():
+            for name in H.dataset_folders():
                 zf.writestr(f"course/data/{name}/train/marker.txt", name)
         return output
 
     monkeypatch.setattr(gdown, "download", fake_download)
     root = H.download_data(tmp_path / "data")
-    for name in H.DATASET_DIRS.values():
+    for name in H.dataset_folders():
         assert (root / name / "train" / "marker.txt").read_text() == name
     assert not (root / "course_data.zip").exists() and not (root / "_unzipped").exists()
 

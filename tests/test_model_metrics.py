@@ -226,7 +226,7 @@ def test_decode_segmentation_returns_class_maps_at_original_size():
 def encode_decode(td: H.TaskData, size: int, **decode_kw) -> tuple[dict, list[dict]]:
     """Ground truth through the eval transform, encode_detection_targets and decode_detections (the heatmap
     target is already a probability map), back to COCO results in the dataset's own category ids."""
-    ds = H.TaskDataset(td, size, train=False)
+    ds = H.TaskDataset(td, H.make_config("smoke", image_size=size), train=False)
     results, per_image = [], []
     for i in range(len(ds)):
         s = ds[i]
@@ -264,13 +264,13 @@ def test_encode_decode_round_trip_real_val_512():
         if not a.get("iscrowd", 0):
             counts[names[a["category_id"]]] = counts.get(names[a["category_id"]], 0) + 1
     classes = sorted(counts, key=lambda n: (-counts[n], n))[:10]
-    td = H.load_detection_split(SHARED_DATA, "val", class_names=classes)
+    td = H.load_detection_split(SHARED_DATA, "val", classes=classes)
     size = 512
     m, _ = encode_decode(td, size)
     assert m["map"] >= 0.99, m
     # without NMS, every box with a centre cell of its own is recovered with its label, IoU > 0.99
     _, dets = encode_decode(td, size, nms_iou=1.0)
-    ds = H.TaskDataset(td, size, train=False)
+    ds = H.TaskDataset(td, H.make_config("smoke", image_size=size), train=False)
     checked = 0
     for i, det in enumerate(dets):
         resized = ds[i]["boxes"]
@@ -423,21 +423,21 @@ def test_build_model_from_config():
 # ==================================================================================================
 def test_tiny_overfit_each_task(synthetic_root):
     cfg = H.make_config("smoke", image_size=64)  # Lite0 with its offline weights, 48 channels
+    no_smoothing = H.make_config("smoke", image_size=64, label_smoothing=0.0)
     assert cfg.backbone == "efficientnet-lite0"
     data = H.load_all(synthetic_root, verbose=False)
     for task in ("seg", "det", "cls"):
         H.seed_everything(0)
         model = H.build_model(cfg).train()
         optimizer = torch.optim.AdamW(H._param_groups(model, cfg, 1.0))
-        size = cfg.cls_image_size if task == "cls" else cfg.image_size
-        ds = H.TaskDataset(data[task]["train"], size, train=False, backbone=cfg.backbone, indices=range(4))
-        batch = H.collate([ds[i] for i in range(4)], cfg.num_det_classes)
+        ds = H.TaskDataset(data[task]["train"], cfg, train=False, indices=range(4))
+        batch = H.collate([ds[i] for i in range(4)], ragged=H.TASK_TABLE[task].ragged)
         losses = []
         for _ in range(30):
             out = model(batch["image"])
             # classification without label smoothing: with smoothing 0.1 over 10 classes the loss cannot go
             # below ~0.50 (the smoothed target's entropy), a ratio of at most ln(10) / 0.5 = 4.6
-            terms = H.classification_loss(out, batch, 0.0) if task == "cls" else H.TASK_LOSS[task](out, batch)
+            terms = H.TASK_TABLE[task].loss(out, batch, no_smoothing)
             loss = sum(terms.values())  # det: heatmap focal loss + box GIoU loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -42,8 +42,8 @@ def test_smoke_pipeline_writes_every_artifact(smoke_run):
     for name in ("config.json", "metrics.json", "forgetting.csv", "final.pt", "final_metrics.json",
                  "resources.json", "report.md"):
         assert (out / name).is_file(), name
-    for fig in ("samples", "forgetting", "curves", "per_class", "predictions"):
-        assert (out / "figures" / f"{fig}.png").stat().st_size > 1000, fig
+    for fig, suffix in H.FIGURES.items():
+        assert (out / "figures" / f"{fig}{suffix}").stat().st_size > 1000, fig
     for strategy in ("full", "naive"):
         for k in range(3):
             d = H.stage_dir(cfg, strategy, k)
@@ -61,12 +61,21 @@ def test_smoke_pipeline_writes_every_artifact(smoke_run):
     rows = list(csv.DictReader(open(out / "forgetting.csv")))
     assert len(rows) == 6 and {r["strategy"] for r in rows} == {"full", "naive"}
     summary = results["summary"]
-    assert len(summary) == 6 and all(isinstance(r["pass"], bool) for r in summary)
-    for r in summary:  # the drop is computed from the matrix, not typed
+    assert len(summary) == 6 and all(isinstance(r["pass_rel"], bool) for r in summary)
+    for r in summary:  # the drops are computed from the matrix and the baselines, not typed
         m = results["strategies"][r["strategy"]]["matrix"]
         k = cfg.order.index(r["task"])
-        assert r["stage_end_baseline"] == m[k][r["metric"]] and r["final"] == m[-1][r["metric"]]
+        assert r["stage_end"] == m[k][r["metric"]] and r["final"] == m[-1][r["metric"]]
+        base = results["single_task"][r["task"]]["value"]
+        assert r["single_task_baseline"] == base
+        assert r["drop_abs_points"] == pytest.approx(100 * (base - r["final"]))
+        assert r["pass_abs"] == (100 * (base - r["final"]) <= 5) and r["bonus"] == (r["final"] >= base)
+        if base:
+            assert r["drop_rel_pct"] == pytest.approx(100 * (base - r["final"]) / base)
+            assert r["pass_rel"] == (r["drop_rel_pct"] <= 5)
     assert set(results["single_task"]) == set(H.TASKS)
+    first = cfg.order[0]  # the first task's baseline is stage 1 itself
+    assert results["single_task"][first]["value"] == results["strategies"]["full"]["matrix"][0][H.TASK_METRIC[first]]
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["meta"]["profile"] == "smoke" and saved["meta"]["synthetic"] is True
     report = (out / "report.md").read_text()
@@ -77,8 +86,8 @@ def test_smoke_pipeline_writes_every_artifact(smoke_run):
 def test_final_weights_are_self_describing(smoke_run):
     payload = torch.load(smoke_run["out"] / "final.pt", map_location="cpu", weights_only=False)
     assert payload["format"] == "unihead-v1"
-    assert payload["det_classes"] == smoke_run["data"]["det"]["train"].class_names
-    assert payload["cls_classes"] == smoke_run["data"]["cls"]["train"].class_names
+    assert payload["classes"]["det"] == smoke_run["data"]["det"]["train"].class_names
+    assert payload["classes"]["cls"] == smoke_run["data"]["cls"]["train"].class_names
     assert payload["config"]["profile"] == "smoke"
     model, cfg, _ = H.load_checkpoint(smoke_run["out"] / "final.pt")
     m = H.evaluate(model, {t: smoke_run["data"][t]["val"] for t in H.TASKS}, cfg)
@@ -189,7 +198,7 @@ def test_naive_fine_tuning_forgets_more_than_the_method(smoke_run):
     summary = smoke_run["results"]["summary"]
     def forgetting(strategy):  # mean absolute drop of the tasks learned before the last stage
         rows = [r for r in summary if r["strategy"] == strategy and r["task"] != smoke_run["cfg"].order[-1]]
-        return sum(r["drop_abs_points"] for r in rows) / len(rows)
+        return sum(r["stage_end_drop_abs_points"] for r in rows) / len(rows)
     assert forgetting("naive") > forgetting("full") + 1.0, summary
 
 
@@ -212,10 +221,10 @@ def test_eval_py_prints_metrics_and_its_predictions_rescore_to_the_same_numbers(
     final = json.loads((out / "final_metrics.json").read_text())
     for key in ("det.map", "det.map50", "seg.miou", "cls.top1"):
         assert m[key] == pytest.approx(final[key]), key
-    assert m["det_classes"] == smoke_run["data"]["det"]["train"].class_names
+    assert m["classes"]["det"] == smoke_run["data"]["det"]["train"].class_names
     # detections.json scored by plain pycocotools against the dataset's own JSON (crowd kept, classes by name)
     gt_json = json.loads((root / "mini_coco_det" / "val" / "labels.json").read_text())
-    keep = {c["id"] for c in gt_json["categories"] if c["name"] in m["det_classes"]}
+    keep = {c["id"] for c in gt_json["categories"] if c["name"] in m["classes"]["det"]}
     gt_json["annotations"] = [a for a in gt_json["annotations"] if a["category_id"] in keep]
     gt_json["categories"] = [c for c in gt_json["categories"] if c["id"] in keep]
     gt = COCO()
@@ -251,18 +260,50 @@ def test_eval_py_subset_of_tasks(smoke_run, tmp_path):
     assert "det.map" in m and "seg.miou" in m and "cls.top1" not in m and "Top-1" not in proc.stdout
 
 
-@pytest.mark.parametrize("case", ["missing", "not_a_checkpoint", "bad_root", "bad_tasks", "missing_split"])
+EVAL_FAILURES = ["missing", "not_a_checkpoint", "bad_root", "bad_tasks", "missing_split", "unwritable_out",
+                 "unwritable_predictions", "bad_device"] + ([] if torch.cuda.is_available() else ["no_cuda"])
+
+
+@pytest.mark.parametrize("case", EVAL_FAILURES)
 def test_eval_py_fails_with_one_line_and_status_2(smoke_run, tmp_path, case):
     weights, root = smoke_run["out"] / "final.pt", smoke_run["out"] / "synthetic_data"
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     args = {"missing": ["--weights", tmp_path / "nope.pt", "--data_root", root],
             "not_a_checkpoint": ["--weights", tmp_path / "junk.pt", "--data_root", root],
             "bad_root": ["--weights", weights, "--data_root", tmp_path / "nowhere"],
             "bad_tasks": ["--weights", weights, "--data_root", root, "--tasks", "det,depth"],
-            "missing_split": ["--weights", weights, "--data_root", root, "--split", "test"]}[case]
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+            "missing_split": ["--weights", weights, "--data_root", root, "--split", "test"],
+            # a folder that is a file: cannot be written, found before any evaluation
+            "unwritable_out": ["--weights", weights, "--data_root", root, "--out", tmp_path / "junk.pt" / "m.json"],
+            "unwritable_predictions": ["--weights", weights, "--data_root", root,
+                                       "--save-predictions", tmp_path / "junk.pt" / "preds"],
+            "bad_device": ["--weights", weights, "--data_root", root, "--device", "tpu9"],
+            "no_cuda": ["--weights", weights, "--data_root", root, "--device", "cuda"]}[case]
     proc = run_eval(*args)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error:"), proc.stderr
+    assert "mAP" not in proc.stdout  # nothing was evaluated
+
+
+def test_eval_py_names_checkpoint_classes_missing_from_the_split(smoke_run, tmp_path):
+    """A split without a category for one of the checkpoint's detection classes: one line names it and
+    says it is left out of the mAP; --strict-classes makes it an error (status 2)."""
+    import shutil
+    root = tmp_path / "data"
+    shutil.copytree(smoke_run["out"] / "synthetic_data", root)
+    path = root / "mini_coco_det" / "val" / "labels.json"
+    coco = json.loads(path.read_text())
+    dog = next(c["id"] for c in coco["categories"] if c["name"] == "dog")
+    coco["categories"] = [c for c in coco["categories"] if c["id"] != dog]
+    coco["annotations"] = [a for a in coco["annotations"] if a["category_id"] != dog]
+    path.write_text(json.dumps(coco))
+    proc = run_eval("--weights", smoke_run["out"] / "final.pt", "--data_root", root, "--tasks", "det", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    notes = [l for l in proc.stderr.splitlines() if l.startswith("note:")]
+    assert len(notes) == 1 and "dog" in notes[0] and "mAP" in notes[0]
+    strict = run_eval("--weights", smoke_run["out"] / "final.pt", "--data_root", root, "--tasks", "det",
+                      "--device", "cpu", "--strict-classes")
+    assert strict.returncode == 2 and "dog" in strict.stderr and len(strict.stderr.strip().splitlines()) == 1
 
 
 def test_config_precedence(monkeypatch):
