@@ -74,6 +74,7 @@ class Config:
     det_classes: list[str] | None = None  # None: all categories if <= 10, else the 10 with most train boxes
     num_det_classes: int = 10
     det_min_sigma: float = 0.0  # floor of the detection Gaussians' sigma, in output cells (0: alpha * side / 6 only)
+    mosaic_p: float = 0.0  # detection training: probability of a 2x2 mosaic of four images (objects keep their size)
     det_sampling: str = "uniform"  # detection training images: "uniform" or "repeat_factor" (LVIS: rare classes more often)
     repeat_thresh: float = 0.3  # repeat_factor: classes in fewer than this fraction of images are repeated
     # schedule: epochs per task (stage and single-task baseline alike)
@@ -109,12 +110,25 @@ class Config:
     # 0.65 at 4 with 12 epochs instead of 6)
     task_weight: dict[str, float] = field(default_factory=lambda: {"seg": 1.0, "det": 1.0, "cls": 4.0})
     replay_weight: float = 1.0
+    # weight of distillation from the backbone's own pretrained ImageNet classifier (its logits of the 10
+    # Imagenette classes, KL at kd_temperature) on classification images, added to the cross-entropy; 0: off.
+    # Pretrained ImageNet knowledge, which the assignment allows; the report discloses it when used
+    cls_teacher_weight: float = 0.0
+    # epochs at the start of a stage that train only the task's own output channels of the head's last layer,
+    # everything shared frozen (the other tasks' outputs do not change at all), before the whole network is
+    # fine-tuned with distillation and replay (LP-FT, Kumar et al., ICLR 2022); 0: no probe
+    probe_epochs: dict[str, int] = field(default_factory=lambda: {"seg": 0, "det": 0, "cls": 0})
+    probe_lr: float = 3e-3
+    # WiSE-FT after a stage with earlier tasks: weights = start + wise_alpha * (trained - start), the stage's own
+    # output channels kept as trained; 1.0: no mixing. A fixed rule, never chosen on val
+    wise_alpha: dict[str, float] = field(default_factory=lambda: {"seg": 1.0, "det": 1.0, "cls": 1.0})
     det_kd_conf: float = 0.3  # teacher heat above which its boxes are distilled
     freeze_backbone_bn: bool = True
     # decoding
     score_thresh: float = 0.05
     max_dets: int = 100
     nms_iou: float = 0.7
+    final_fp16: bool = True  # final.pt stores fp16 weights (half the size); the final model is scored as stored
     # machinery
     seed: int = 0
     device: str = "auto"
@@ -238,6 +252,9 @@ IMAGENETTE_CLASSES = {
     "n03000684": "chain saw", "n03028079": "church", "n03394916": "French horn", "n03417042": "garbage truck",
     "n03425413": "gas pump", "n03445777": "golf ball", "n03888257": "parachute",
 }
+# Each Imagenette class's index among the 1000 ImageNet classes (the backbones' own classifier's outputs)
+IMAGENET_INDEX = {"tench": 0, "English springer": 217, "cassette player": 482, "chain saw": 491, "church": 497,
+                  "French horn": 566, "garbage truck": 569, "gas pump": 571, "golf ball": 574, "parachute": 701}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 COURSE_ZIP_DRIVE_ID = "1YFs_NLzPMqAzZekZYHxykG_qp2vg6qdP"
 
@@ -835,13 +852,47 @@ class TaskDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> dict:
+    def transformed(self, index: int) -> dict:
+        """Sample `index` of the data through the transform: the image and what travels with it."""
         from torchvision import tv_tensors
+        s = self.data.samples[index]
+        return self.transform({"image": tv_tensors.Image(s["image"]), **self.task.transform_inputs(s)})
+
+    def __getitem__(self, i: int) -> dict:
         index = self.indices[i]
         s = self.data.samples[index]
-        out = self.transform({"image": tv_tensors.Image(s["image"]), **self.task.transform_inputs(s)})
+        out = self.transformed(index)
+        if self.train:  # the task's own training-time mixing of images (detection: mosaic), if any
+            out = self.task.mix(self, out)
         return {"image": out["image"].as_subclass(torch.Tensor), "index": index, "orig_size": tuple(s["image"].shape[1:]),
                 **self.task.targets(out, s, self.cfg)}
+
+
+def mosaic(dataset: TaskDataset, first: dict, p: float, min_kept: float = 0.25) -> dict:
+    """With probability p, `first` (a transformed detection sample) becomes a 2x2 mosaic of itself and three
+    other transformed training images, cropped back to the input size at a random position (YOLOv4's mosaic,
+    without rescaling: objects keep their size). Boxes follow their image; a box keeps at least `min_kept`
+    of its area or is dropped."""
+    from torchvision import tv_tensors
+    if p <= 0 or float(torch.rand(())) >= p:
+        return first
+    size = first["image"].shape[-1]
+    items = [first] + [dataset.transformed(dataset.indices[int(torch.randint(len(dataset), ()))]) for _ in range(3)]
+    canvas = first["image"].new_zeros(3, 2 * size, 2 * size)
+    boxes, labels = [], []
+    for k, item in enumerate(items):
+        oy, ox = (k // 2) * size, (k % 2) * size
+        canvas[:, oy:oy + size, ox:ox + size] = item["image"].as_subclass(torch.Tensor)
+        boxes.append(item["boxes"].as_subclass(torch.Tensor).float() + torch.tensor([ox, oy, ox, oy]))
+        labels.append(item["labels"])
+    y0, x0 = (int(v) for v in torch.randint(0, size + 1, (2,)))
+    boxes, labels = torch.cat(boxes) - torch.tensor([x0, y0, x0, y0]), torch.cat(labels)
+    clipped = boxes.clamp(0, size)
+    area = lambda b: (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)  # noqa: E731
+    keep = ((clipped[:, 2:] - clipped[:, :2]).min(dim=1).values >= 2) & (area(clipped) >= min_kept * area(boxes))
+    return {"image": tv_tensors.Image(canvas[:, y0:y0 + size, x0:x0 + size]),
+            "boxes": tv_tensors.BoundingBoxes(clipped[keep], format="XYXY", canvas_size=(size, size)),
+            "labels": labels[keep]}
 
 
 def collate(samples: list[dict], ragged: Sequence[str] = ()) -> dict:
@@ -1219,6 +1270,28 @@ def build_model(cfg: Config, backbone_weights: str | None = None) -> UniHeadNet:
                       drop_connect_rate=cfg.drop_connect_rate, box_scale=cfg.box_scale)
 
 
+class ImageNetTeacher(nn.Module):
+    """The backbone's own pretrained ImageNet classifier, frozen, reading out the logits of the given ImageNet
+    classes: a distillation teacher for classification (`cls_teacher_weight`). It exists only while training;
+    it is not part of the UniHead model, its parameters or its checkpoints."""
+
+    def __init__(self, backbone: str, weights: str, class_names: Sequence[str]):
+        super().__init__()
+        unknown = [c for c in class_names if c not in IMAGENET_INDEX]
+        if unknown:
+            raise ValueError(f"classes {unknown} have no ImageNet index: the ImageNet teacher needs Imagenette classes")
+        self.net = _build_efficientnet(backbone, weights).eval()
+        self.net.requires_grad_(False)
+        self.register_buffer("index", torch.tensor([IMAGENET_INDEX[c] for c in class_names]))
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # always in eval mode: no dropout, no BatchNorm updates
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).float()[:, self.index]
+
+
 def count_parameters(model: UniHeadNet) -> dict[str, int]:
     """Parameters per part and in total (the assignment's limit is 8M for the whole model)."""
     parts = {name: sum(p.numel() for p in getattr(model, name).parameters()) for name in ("backbone", "neck", "head")}
@@ -1276,8 +1349,14 @@ def segmentation_loss(out: dict, batch: dict) -> dict[str, torch.Tensor]:
     return {"seg": F.cross_entropy(logits, batch["mask"], ignore_index=IGNORE_INDEX)}
 
 
-def classification_loss(out: dict, batch: dict, label_smoothing: float = 0.1) -> dict[str, torch.Tensor]:
-    return {"cls": F.cross_entropy(out["cls"], batch["label"], label_smoothing=label_smoothing)}
+def classification_loss(out: dict, batch: dict, label_smoothing: float = 0.1, teacher_weight: float = 0.0,
+                        temperature: float = 2.0) -> dict[str, torch.Tensor]:
+    """Cross-entropy with label smoothing; plus, when the batch carries 'teacher_logits' (the ImageNet
+    classifier's) and teacher_weight > 0, their distillation."""
+    terms = {"cls": F.cross_entropy(out["cls"], batch["label"], label_smoothing=label_smoothing)}
+    if teacher_weight > 0 and "teacher_logits" in batch:
+        terms["cls_teacher"] = teacher_weight * kd_kl(out["cls"], batch["teacher_logits"], temperature)
+    return terms
 
 
 def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
@@ -1591,6 +1670,9 @@ class Task:
     draw: Any  # (ax, image, truth or prediction, class names, role) -> None
     describe: Any = lambda by_split: {}  # {split: TaskData} -> extra facts for check_dataset
     sampling_weights: Any = lambda data, cfg: None  # (data, cfg) -> per-image draw weights, or None: uniform
+    mix: Any = lambda dataset, item: item  # (training dataset, transformed item) -> item: mixing of images (mosaic)
+    external_teacher: Any = lambda cfg, data: None  # (cfg, train data) -> frozen module whose outputs join its
+    # batches as 'teacher_logits' while it trains (classification: the ImageNet classifier), or None
     ragged: tuple[str, ...] = ()  # per-sample targets of varying length, batched as lists
     output_bias: dict[str, float] = field(default_factory=dict)  # initial bias of its output channels
     print_classes: bool = False  # print the class list when its data is loaded (chosen from the data)
@@ -1612,6 +1694,7 @@ TASK_TABLE: dict[str, Task] = {  # in the order of the head's output channels
             scale_jitter=tuple(cfg.scale_jitter), crop_scale_min=cfg.crop_scale_min, zoom_out_p=cfg.zoom_out_p,
             sanitize_boxes=True),
         transform_inputs=_detection_inputs, targets=_detection_targets, ragged=("boxes", "labels"),
+        mix=lambda dataset, item: mosaic(dataset, item, dataset.cfg.mosaic_p),
         sampling_weights=lambda data, cfg: (repeat_factors(data, cfg.repeat_thresh)
                                             if cfg.det_sampling == "repeat_factor" else None),
         loss=lambda out, batch, cfg: detection_loss(out, batch, cfg.box_loss_weight),
@@ -1646,7 +1729,10 @@ TASK_TABLE: dict[str, Task] = {  # in the order of the head's output channels
         input_size=lambda cfg: cfg.cls_image_size,
         transform=lambda cfg, train: classification_transform(cfg.cls_image_size, train, backbone=cfg.backbone),
         transform_inputs=lambda s: {}, targets=lambda out, s, cfg: {"label": s["label"]},
-        loss=lambda out, batch, cfg: classification_loss(out, batch, cfg.label_smoothing),
+        loss=lambda out, batch, cfg: classification_loss(out, batch, cfg.label_smoothing, cfg.cls_teacher_weight,
+                                                         cfg.kd_temperature),
+        external_teacher=lambda cfg, data: (ImageNetTeacher(cfg.backbone, cfg.backbone_weights, data.class_names)
+                                            if cfg.cls_teacher_weight > 0 else None),
         distill=lambda student, teacher, cfg: kd_kl(student["cls"], teacher["cls"], cfg.kd_temperature),
         accumulator=ClassificationAccumulator, write_predictions=_write_classifications,
         truth=lambda s: s["label"],
@@ -1700,16 +1786,19 @@ def data_classes(data: dict) -> dict[str, list[str]]:
     return {task: list(by_split["train"].class_names) for task, by_split in data.items()}
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, cfg: Config, classes: dict[str, list[str]], **state) -> Path:
-    """The one checkpoint format: {format, model (state dict on the CPU), config, classes, **state}, written
-    atomically (a disconnect mid-write never leaves a broken file). A stage's weights.pt, a resumable last.pt
-    (state: optimizer, scheduler, epoch, ...) and the final model's final.pt (state: metrics) all use it, so
-    each one can be evaluated on its own."""
+def save_checkpoint(path: str | Path, model: nn.Module, cfg: Config, classes: dict[str, list[str]], *,
+                    fp16: bool = False, **state) -> Path:
+    """The one checkpoint format: {format, model (state dict on the CPU; fp16 floats when `fp16`), config,
+    classes, **state}, written atomically (a disconnect mid-write never leaves a broken file). A stage's
+    weights.pt, a resumable last.pt (state: optimizer, scheduler, epoch, ...) and the final model's final.pt
+    (state: metrics) all use it, so each one can be evaluated on its own."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"format": CHECKPOINT_FORMAT, "model": state_on_cpu(model), "config": cfg.to_dict(),
-                "classes": classes, **state}, tmp)
+    weights = state_on_cpu(model)
+    if fp16:
+        weights = {k: v.half() if v.dtype.is_floating_point else v for k, v in weights.items()}
+    torch.save({"format": CHECKPOINT_FORMAT, "model": weights, "config": cfg.to_dict(), "classes": classes, **state}, tmp)
     os.replace(tmp, path)
     return path
 
@@ -1861,12 +1950,22 @@ class WeightEMA:
                 ema.copy_(live)
 
 
+def with_teacher_logits(batch: dict, task: str, task_teachers: dict[str, nn.Module] | None) -> dict:
+    """The batch with its task's external teacher's outputs added as 'teacher_logits' (when it has one)."""
+    if not task_teachers or task not in task_teachers:
+        return batch
+    return {**batch, "teacher_logits": task_teachers[task](batch["image"])}
+
+
 def training_step_loss(model: UniHeadNet, teacher: UniHeadNet | None, task: str, batch: dict,
-                       replay: dict[str, dict], earlier: Sequence[str], cfg: Config) -> dict[str, torch.Tensor]:
+                       replay: dict[str, dict], earlier: Sequence[str], cfg: Config,
+                       task_teachers: dict[str, nn.Module] | None = None) -> dict[str, torch.Tensor]:
     """All loss terms of one step: the stage's task on its batch (weighted by task_weight); with a teacher,
     distillation of every earlier task's outputs on the current images (LwF); for each replayed task its own
-    loss on the replay images plus distillation there too."""
+    loss on the replay images plus distillation there too. task_teachers: a task's external teacher (the
+    ImageNet classifier for classification) wherever that task's images are."""
     terms: dict[str, torch.Tensor] = {}
+    batch = with_teacher_logits(batch, task, task_teachers)
     out = model(batch["image"])
     terms.update({name: cfg.task_weight[task] * value for name, value in TASK_TABLE[task].loss(out, batch, cfg).items()})
     if teacher is not None and earlier:
@@ -1875,6 +1974,7 @@ def training_step_loss(model: UniHeadNet, teacher: UniHeadNet | None, task: str,
         for e in earlier:
             terms[f"kd_{e}"] = cfg.kd_current_weight * cfg.kd_weight[e] * TASK_TABLE[e].distill(out, t_out, cfg)
     for r_task, r_batch in replay.items():
+        r_batch = with_teacher_logits(r_batch, r_task, task_teachers)
         r_out = model(r_batch["image"])
         for name, value in TASK_TABLE[r_task].loss(r_out, r_batch, cfg).items():
             terms[f"replay_{name}"] = cfg.replay_weight * value
@@ -1904,6 +2004,8 @@ class Stage:
     scaler: torch.amp.GradScaler
     ema: WeightEMA | None
     epochs: int
+    task_teachers: dict[str, nn.Module]  # external teachers of the stage's tasks (e.g. the ImageNet classifier)
+    start: dict[str, torch.Tensor]  # the weights the stage started from (WiSE-FT mixes back towards them)
 
 
 def make_stage(model: UniHeadNet, task: str, data: dict, cfg: Config, *, earlier: Sequence[str] = (),
@@ -1925,8 +2027,11 @@ def make_stage(model: UniHeadNet, task: str, data: dict, cfg: Config, *, earlier
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, warmup))
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
     ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    teachers = {t: TASK_TABLE[t].external_teacher(cfg, data[t]["train"]) for t in [task, *(earlier if replay else [])]}
+    teachers = {t: m.to(device).to(memory_format=torch.channels_last) if cfg.channels_last else m.to(device)
+                for t, m in teachers.items() if m is not None}
     return Stage(model, task, cfg, device, loader, generator, sampler, teacher, list(earlier), optimizer, scheduler,
-                 scaler, ema, epochs)
+                 scaler, ema, epochs, teachers, state_on_cpu(model) if earlier and cfg.wise_alpha.get(task, 1.0) < 1 else {})
 
 
 def train_step(stage: Stage, batch: dict, replay: dict[str, dict]) -> dict[str, float]:
@@ -1934,7 +2039,8 @@ def train_step(stage: Stage, batch: dict, replay: dict[str, dict]) -> dict[str, 
     distillation) under autocast, backward through the gradient scaler, clipping, AdamW, the learning-rate
     schedule and the weight EMA. Returns each term and the total ('loss') as floats."""
     with _autocast(stage.device, stage.cfg.amp):
-        terms = training_step_loss(stage.model, stage.teacher, stage.task, batch, replay, stage.earlier, stage.cfg)
+        terms = training_step_loss(stage.model, stage.teacher, stage.task, batch, replay, stage.earlier, stage.cfg,
+                                   stage.task_teachers)
     loss = sum(terms.values())
     if not torch.isfinite(loss):
         raise FloatingPointError(f"{stage.task}: non-finite loss {({k: float(v) for k, v in terms.items()})}")
@@ -1969,6 +2075,70 @@ def train_one_epoch(stage: Stage, progress: Progress | None = None) -> dict[str,
         if progress is not None:
             progress.step(n, len(stage.loader), sums["loss"] / n)
     return {k: v / max(1, len(stage.loader)) for k, v in sums.items()}
+
+
+def own_output_rows(model: UniHeadNet, task: str) -> torch.Tensor:
+    """Boolean mask over the channels of the head's output tensor: True for those of `task`."""
+    rows = torch.zeros(model.head.layers[-1].out_channels, dtype=torch.bool)
+    for name, _ in TASK_TABLE[task].outputs(model.num_det_classes):
+        a, b = model.head.layout[name]
+        rows[a:b] = True
+    return rows
+
+
+def probe_own_outputs(stage: Stage, epochs: int) -> list[dict]:
+    """The LP of LP-FT: `epochs` passes over the stage's images that train only the task's own output channels
+    of the head's last layer (AdamW at probe_lr, no weight decay), every other weight frozen and the network in
+    evaluation mode (no BatchNorm statistic moves), so every other task's outputs stay exactly as they were.
+    Returns a log row per epoch."""
+    model, cfg, last = stage.model, stage.cfg, stage.model.head.layers[-1]
+    rows = own_output_rows(model, stage.task).to(last.weight.device)
+    optimizer = torch.optim.AdamW([last.weight, last.bias], lr=cfg.probe_lr, weight_decay=0.0)
+    model.eval()
+    log = []
+    for epoch in range(epochs):
+        t0, total = time.time(), 0.0
+        for batch in stage.loader:
+            batch = batch_to_device(batch, stage.device, cfg.channels_last)
+            batch = with_teacher_logits(batch, stage.task, stage.task_teachers)
+            with torch.no_grad(), _autocast(stage.device, cfg.amp):
+                features = model.head.layers[:-1](model.neck(model.backbone(batch["image"])))
+            out = split_head_output(last(features.float()), model.head.layout, model.box_scale)
+            loss = sum(TASK_TABLE[stage.task].loss(out, batch, cfg).values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            last.weight.grad[~rows] = 0  # zero gradients and no decay: AdamW leaves those rows exactly as they are
+            last.bias.grad[~rows] = 0
+            optimizer.step()
+            total += loss.item()
+        log.append({"probe_epoch": epoch + 1, "loss": total / max(1, len(stage.loader)),
+                    "seconds": round(time.time() - t0, 2)})
+        print(f"[{stage.task}] probe epoch {epoch + 1}/{epochs}: loss={log[-1]['loss']:.4f}", flush=True)
+    return log
+
+
+@torch.no_grad()
+def wise_mix(model: UniHeadNet, start: dict[str, torch.Tensor], alpha: float, task: str) -> None:
+    """WiSE-FT (Wortsman et al., CVPR 2022): every weight moved to start + alpha * (trained - start), except the
+    stage's own output channels, which keep their trained values (where the stage started they were untrained)."""
+    rows = own_output_rows(model, task)
+    last = f"head.layers.{len(model.head.layers) - 1}."
+    for key, value in model.state_dict().items():
+        if not value.dtype.is_floating_point:
+            continue
+        trained = value.clone()
+        value.copy_(torch.lerp(start[key].to(value), trained, alpha))
+        if key.startswith(last):
+            value[rows.to(value.device)] = trained[rows.to(value.device)]
+
+
+@torch.no_grad()
+def round_to_fp16(model: nn.Module) -> None:
+    """Round every floating-point weight and statistic to fp16 precision in place: the model as a fp16
+    checkpoint stores it, so that what is scored is what is shipped."""
+    for value in model.state_dict().values():
+        if value.dtype.is_floating_point:
+            value.copy_(value.half().float())
 
 
 def _in_notebook() -> bool:
@@ -2027,6 +2197,7 @@ def _resume(stage: Stage, path: Path) -> tuple[int, list[dict], float]:
         stage.ema.model.load_state_dict(ckpt["ema"])
         stage.ema.updates = ckpt["ema_updates"]
     stage.generator.set_state(ckpt["generator"])
+    stage.start = ckpt.get("start") or stage.start
     print(f"resuming {stage.task} from epoch {ckpt['epoch']}/{stage.epochs}")
     return ckpt["epoch"], ckpt["history"], ckpt["seconds"]
 
@@ -2043,6 +2214,12 @@ def train_stage(model: UniHeadNet, task: str, data: dict, cfg: Config, stage_dir
                        device=device, seed=seed)
     last = stage_dir / "last.pt"
     start_epoch, history, seconds = _resume(stage, last)
+    probe = []
+    if start_epoch == 0 and cfg.probe_epochs.get(task, 0) > 0:
+        t0 = time.time()
+        probe = probe_own_outputs(stage, cfg.probe_epochs[task])
+        seconds += time.time() - t0
+        stage.ema = WeightEMA(model, cfg.ema_decay) if stage.ema else None  # average from the probed weights on
     progress = Progress(label or task, stage.epochs, start_epoch)
     for epoch in range(start_epoch, stage.epochs):
         t0 = time.time()
@@ -2061,10 +2238,12 @@ def train_stage(model: UniHeadNet, task: str, data: dict, cfg: Config, stage_dir
                             scheduler=stage.scheduler.state_dict(), scaler=stage.scaler.state_dict(), epoch=epoch + 1,
                             history=history, seconds=seconds, generator=stage.generator.get_state(),
                             ema=state_on_cpu(stage.ema.model) if stage.ema else None,
-                            ema_updates=stage.ema.updates if stage.ema else 0)
+                            ema_updates=stage.ema.updates if stage.ema else 0, start=stage.start)
     if stage.ema is not None:
         model.load_state_dict(stage.ema.model.state_dict())
-    return {"task": task, "epochs": stage.epochs, "seconds": seconds, "history": history}
+    if stage.start:
+        wise_mix(model, stage.start, cfg.wise_alpha[task], task)
+    return {"task": task, "epochs": stage.epochs, "seconds": seconds, "history": history, "probe": probe}
 
 
 # ==================================================================================================
@@ -2075,15 +2254,18 @@ def _scalar_metrics(metrics: dict) -> dict:
 
 
 def run_stage_cached(model: UniHeadNet, task: str, data: dict, cfg: Config, stage_dir: Path, *,
-                     eval_tasks: Sequence[str], **train_kw) -> dict:
-    """Train one stage unless stage_dir/done.json says it finished; then evaluate `eval_tasks` on val (every
-    metric, per class too). A finished stage is loaded from its weights, so re-running a pipeline skips it."""
+                     eval_tasks: Sequence[str], round_fp16: bool = False, **train_kw) -> dict:
+    """Train one stage unless stage_dir/done.json says it finished; then (weights rounded to fp16 precision
+    when round_fp16, as a fp16 checkpoint will hold them) evaluate `eval_tasks` on val, every metric, per class
+    too. A finished stage is loaded from its weights, so re-running a pipeline skips it."""
     done, weights = stage_dir / "done.json", stage_dir / "weights.pt"
     if done.is_file() and weights.is_file():
         load_weights(model, weights)
         print(f"[{train_kw.get('label', task)}] finished earlier: loaded {weights}")
         return json.loads(done.read_text())
     record = train_stage(model, task, data, cfg, stage_dir, **train_kw)
+    if round_fp16:
+        round_to_fp16(model)
     record["val"] = evaluate(model, {t: data[t]["val"] for t in eval_tasks}, cfg, tasks=eval_tasks)
     save_checkpoint(weights, model, cfg, data_classes(data))
     write_json(record, done)
@@ -2133,7 +2315,8 @@ def run_sequence(cfg: Config, data: dict, strategy: str | None = None, upto: int
         record = run_stage_cached(
             model, task, data, cfg, stage_dir(cfg, strategy, k), eval_tasks=TASKS, earlier=list(cfg.order[:k]),
             teacher=teacher if full else None, replay=full, device=device, lr_scale=cfg.lr_scale[task],
-            seed=cfg.seed + 100 * k, label=f"{strategy}:{name}")
+            seed=cfg.seed + 100 * k, label=f"{strategy}:{name}",
+            round_fp16=cfg.final_fp16 and strategy == cfg.strategy and k == len(cfg.order) - 1)
         last = record["val"]
         rows.append(_scalar_metrics(last))
         stages.append({key: record[key] for key in ("task", "epochs", "seconds")})
@@ -2142,7 +2325,8 @@ def run_sequence(cfg: Config, data: dict, strategy: str | None = None, upto: int
               f"{sum(s['seconds'] for s in stages) / 60:.1f} min of a {cfg.time_budget_min:.0f} min budget")
         teacher = freeze_teacher(model) if full and k + 1 < len(cfg.order) else None
     if strategy == cfg.strategy and len(rows) == len(cfg.order):
-        save_checkpoint(Path(cfg.out_dir) / "final.pt", model, cfg, data_classes(data), metrics=rows[-1])
+        save_checkpoint(Path(cfg.out_dir) / "final.pt", model, cfg, data_classes(data), fp16=cfg.final_fp16,
+                        metrics=rows[-1])
     return {"matrix": rows, "stages": stages, "final": last, "model": model}
 
 
@@ -2643,7 +2827,33 @@ def _report_method(ctx: dict) -> list[str]:
             f"labels (experience replay; Chaudhry et al., *On Tiny Episodic Memories in Continual Learning*, 2019). "
             f"Each stage's own loss is weighted by {cfg['task_weight']} against those terms, and distillation on the "
             f"current images by {cfg['kd_current_weight']}. The `naive` ablation fine-tunes each stage on its own "
-            f"data only (same architecture, same budget){naive}.", ""]
+            f"data only (same architecture, same budget){naive}.", "", *_method_extras(cfg)]
+
+
+def _method_extras(cfg: dict) -> list[str]:
+    """The optional parts of the method, each stated only when this run used it."""
+    lines = []
+    probe = {t: n for t, n in cfg.get("probe_epochs", {}).items() if n}
+    if probe:
+        lines.append(f"- **Probe first (LP-FT, Kumar et al., ICLR 2022)**: a stage starts with {probe} epochs that train "
+                     "only its task's own output channels of the head's last layer, everything shared frozen (the other "
+                     "tasks' outputs cannot change), then fine-tunes everything with distillation and replay.")
+    if cfg.get("cls_teacher_weight"):
+        lines.append(f"- **ImageNet-classifier teacher (disclosed)**: classification also distils (weight "
+                     f"{cfg['cls_teacher_weight']}, KL at temperature {cfg['kd_temperature']}) the logits that the "
+                     f"backbone's own pretrained ImageNet classifier ({cfg['backbone']}) gives the 10 Imagenette classes on "
+                     "the same images. This is pretrained ImageNet knowledge, which the assignment allows; the teacher "
+                     "exists only during training and is not part of the model, its parameters or its latency. The "
+                     "single-task classification baseline uses the same teacher, so the comparison stays like for like.")
+    wise = {t: a for t, a in cfg.get("wise_alpha", {}).items() if a < 1}
+    if wise:
+        lines.append(f"- **WiSE-FT (Wortsman et al., CVPR 2022)**: after a stage with earlier tasks, every weight is moved "
+                     f"to start + alpha x (trained - start) with alpha {wise} (a fixed rule, not chosen on val); the "
+                     "stage's own output channels keep their trained values.")
+    if cfg.get("final_fp16"):
+        lines.append("- The final model is stored in fp16 (final.pt) and every final figure is the score of the weights "
+                     "as stored.")
+    return lines + ([""] if lines else [])
 
 
 def _report_forgetting(ctx: dict) -> list[str]:

