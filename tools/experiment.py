@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -62,7 +61,7 @@ def run(args: argparse.Namespace) -> dict:
     earlier = [t for t in args.earlier.split(",") if t]
     teacher = None
     if args.init:
-        model.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=False)["model"])
+        H.load_weights(model, args.init)
         teacher = H.freeze_teacher(model) if earlier else None
     stage_dir = Path(cfg.out_dir)
     for stale in ("last.pt", "log.csv"):
@@ -84,7 +83,7 @@ def run(args: argparse.Namespace) -> dict:
               "train_seconds": train_seconds, "wall_seconds": wall, "history": record["history"]}
     H.write_json(result, Path(args.out) / f"{args.name}.json")
     if args.keep_weights:
-        torch.save({"model": H._state_on_cpu(model), "config": cfg.to_dict()}, stage_dir / "weights.pt")
+        H.save_checkpoint(stage_dir / "weights.pt", model, cfg, H.data_classes(data))
     print(json.dumps({"name": args.name, **H.headline(metrics)}))
     return result
 

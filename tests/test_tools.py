@@ -1,0 +1,32 @@
+"""tools/experiment.py, the unit of the ablations: a stage runs as a measured experiment (from the ImageNet
+backbone, or from saved weights with earlier tasks), its record says what changed, and the table reads it."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_tool(*args):
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "experiment.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_experiment_records_a_stage_and_a_later_stage_from_its_weights(tmp_path):
+    common = ["--profile", "smoke", "--out", tmp_path]
+    first = run_tool("seg-one", "--task", "seg", "--set", 'epochs={"seg": 1}', "--keep-weights", *common)
+    assert first.returncode == 0, first.stderr[-2000:]
+    later = run_tool("det-after-seg", "--task", "det", "--init", tmp_path / "seg-one" / "weights.pt", "--earlier", "seg",
+                     "--set", 'epochs={"det": 1}', "--set", "box_loss_weight=5", *common)
+    assert later.returncode == 0, later.stderr[-2000:]
+    record = json.loads((tmp_path / "det-after-seg.json").read_text())
+    assert record["overrides"] == {"epochs": {"det": 1}, "box_loss_weight": 5}
+    assert record["config"]["box_loss_weight"] == 5 and record["earlier"] == ["seg"]
+    assert {"det.map", "det.map50", "seg.miou"} <= set(record["metrics"])  # the earlier task is scored too
+    assert len(record["history"]) == 1 and (tmp_path / "det-after-seg" / "log.csv").is_file()
+    table = run_tool("--table", tmp_path)
+    assert table.returncode == 0
+    lines = table.stdout.splitlines()
+    assert len(lines) == 4 and any(line.startswith("| det-after-seg | ") and "box_loss_weight=5" in line for line in lines)
+    assert f"{record['metrics']['det.map']:.4f}" in table.stdout
