@@ -124,6 +124,9 @@ class Config:
     wise_alpha: dict[str, float] = field(default_factory=lambda: {"seg": 1.0, "det": 1.0, "cls": 1.0})
     det_kd_conf: float = 0.3  # teacher heat above which its boxes are distilled
     freeze_backbone_bn: bool = True
+    # norm "bn": in every stage after the first, the neck's and head's BatchNorm statistics stay as the first
+    # stage left them (their scale and shift still train), so later tasks' images cannot shift them
+    freeze_head_bn_after_first: bool = True
     # decoding
     score_thresh: float = 0.05
     max_dets: int = 100
@@ -1248,6 +1251,15 @@ class UniHeadNet(nn.Module):
             raise ValueError("head_channels must equal neck_channels (the head has no extra projection layer)")
         self.head = UniHead(head_channels, num_det_classes, norm=norm)
         self.num_det_classes, self.box_scale, self.stride = num_det_classes, box_scale, OUTPUT_STRIDE
+        self.freeze_neck_head_bn = False  # set by later stages: BatchNorm statistics of neck and head stay put
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_neck_head_bn:
+            for m in [*self.neck.modules(), *self.head.modules()]:
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+        return self
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         raw = self.head(self.neck(self.backbone(x)))
@@ -2014,6 +2026,7 @@ def make_stage(model: UniHeadNet, task: str, data: dict, cfg: Config, *, earlier
     """A stage's loader, replay sampler, AdamW with warm-up and cosine decay, gradient scaler and weight EMA.
     Seeded, so a stage's augmentations and replay draws do not depend on what ran before it."""
     device = device or next(model.parameters()).device
+    model.freeze_neck_head_bn = bool(earlier) and cfg.freeze_head_bn_after_first
     seed_everything(seed)
     epochs = int(cfg.epochs[task])
     generator = torch.Generator().manual_seed(seed)

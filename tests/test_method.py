@@ -199,3 +199,22 @@ def test_mosaic_keeps_boxes_on_their_objects():
         inner[2:-2, 2:-2] = True
         assert torch.allclose(image[:, ~covered & inner], torch.tensor(background))
     assert seen >= 10
+
+
+def test_later_stages_keep_neck_and_head_batchnorm_statistics(tiny_data):
+    """With BatchNorm in neck and head, the first stage trains its statistics; a later stage's training step
+    moves the weights but not one running statistic (its images would otherwise re-estimate them)."""
+    cfg = H.make_config("smoke", norm="bn", batch_size=4, replay_per_task=2)
+    model = H.initial_model(cfg)
+    first = H.make_stage(model, "seg", tiny_data, cfg)
+    model.train()
+    assert all(m.training for m in model.head.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    later = H.make_stage(model, "cls", tiny_data, cfg, earlier=["seg"], teacher=H.freeze_teacher(model), replay=True)
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
+    weight = model.head.layers[0][0].weight.clone()
+    batch = H.batch_to_device(next(iter(later.loader)), torch.device("cpu"), cfg.channels_last)
+    model.train()
+    H.train_step(later, batch, H.next_replay(later))
+    assert stats and all(torch.equal(v, model.state_dict()[k]) for k, v in stats.items())
+    assert not torch.equal(weight, model.head.layers[0][0].weight)
+    assert first.model is model
