@@ -62,13 +62,13 @@ def run(args: argparse.Namespace) -> dict:
     teacher = None
     if args.init:
         H.load_weights(model, args.init)
-        teacher = H.freeze_teacher(model) if earlier else None
+        teacher = H.freeze_teacher(model) if earlier and not args.naive else None
     stage_dir = Path(cfg.out_dir)
     for stale in ("last.pt", "log.csv"):
         (stage_dir / stale).unlink(missing_ok=True)
     t0 = time.time()
     record = H.train_stage(model, args.task, data, cfg, stage_dir, earlier=earlier, teacher=teacher,
-                           replay=bool(earlier), device=device, lr_scale=cfg.lr_scale[args.task],
+                           replay=bool(earlier) and not args.naive, device=device, lr_scale=cfg.lr_scale[args.task],
                            seed=cfg.seed + args.seed_offset, label=args.name)
     wall = time.time() - t0
     tasks = [args.task] + earlier
@@ -79,7 +79,8 @@ def run(args: argparse.Namespace) -> dict:
               "profile": cfg.profile, "seed": cfg.seed, "device": H.describe_device(device),
               "date": dt.date.today().isoformat(), "commit": git_commit(), "config": cfg.to_dict(),
               "metrics": {k: v for k, v in metrics.items() if not isinstance(v, list)},
-              "train_images_per_s": steps * images_per_step(cfg, earlier, bool(earlier)) / train_seconds,
+              "naive": args.naive,
+              "train_images_per_s": steps * images_per_step(cfg, earlier, bool(earlier) and not args.naive) / train_seconds,
               "train_seconds": train_seconds, "wall_seconds": wall, "history": record["history"]}
     H.write_json(result, Path(args.out) / f"{args.name}.json")
     if args.keep_weights:
@@ -106,7 +107,8 @@ def table(folder: Path) -> str:
              + " | own metric, mean of last 3 watched | device | date |",
              "| --- | --- | ---: | " + " | ".join("---:" for _ in present) + " | ---: | --- | --- |"]
     for r in rows:
-        changes = ", ".join(f"{k}={json.dumps(v)}" for k, v in r["overrides"].items()) or "(profile defaults)"
+        changes = ", ".join([f"{k}={json.dumps(v)}" for k, v in r["overrides"].items()]
+                            + (["no replay or distillation (naive)"] if r.get("naive") else [])) or "(profile defaults)"
         values = " | ".join(f"{r['metrics'][k]:.4f}" if r["metrics"].get(k) is not None else "" for k, _ in present)
         tail = watched_tail(r, H.TASK_METRIC[r["task"]])
         lines.append(f"| {r['name']} | {changes} | {r['seed']} | {values} | {'' if tail is None else f'{tail:.4f}'} | "
@@ -125,6 +127,7 @@ def main(argv=None) -> None:
                    help="added to the seed for the stage's draws (1000: as the single-task baselines)")
     p.add_argument("--init", default=None, help="weights.pt to start from (default: the ImageNet backbone)")
     p.add_argument("--earlier", default="", help="comma list of earlier tasks: replay and distillation of them")
+    p.add_argument("--naive", action="store_true", help="earlier tasks only scored: no replay, no distillation")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON", help="config override")
     p.add_argument("--out", default=str(ROOT / "results" / "experiments"))
     p.add_argument("--keep-weights", action="store_true", help="also save the stage's weights.pt")
