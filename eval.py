@@ -107,7 +107,7 @@ def main(argv=None) -> dict:
         cfg.batch_size = args.batch_size
     data = load_data(args, tasks, payload)
     t0 = time.time()
-    metrics = H.evaluate(model, data, cfg, device, tasks, keep_predictions=bool(args.save_predictions))
+    metrics = H.evaluate(model, data, cfg, device, tasks=tasks, keep_predictions=bool(args.save_predictions))
     predictions = metrics.pop("predictions", None)
     print(f"UniHead checkpoint {args.weights} | split {args.split} | {H.describe_device(device)} | "
           f"{time.time() - t0:.1f} s")

@@ -421,7 +421,7 @@ def _load_coco_json(json_path: Path) -> dict:
     return coco
 
 
-def select_detection_classes(coco: dict, n: int = 10, names: Sequence[str] | None = None,
+def select_detection_classes(coco: dict, n: int = 10, names: Sequence[str] | None = None, *,
                              source: str = "", strict: bool = True) -> list[str]:
     """The configured class names (each must exist when strict), else all categories when there are at
     most n, else the n categories with the most non-crowd boxes (ties broken by name)."""
@@ -501,7 +501,7 @@ def load_detection_split(root: str | Path, split: str, classes: Sequence[str] | 
     json_path, image_dirs, layout = _det_paths(Path(root), split)
     coco = _load_coco_json(json_path)
     names, n = (None, classes) if isinstance(classes, int) else (classes, len(classes))
-    class_names = select_detection_classes(coco, n, names, str(json_path), strict)
+    class_names = select_detection_classes(coco, n, names, source=str(json_path), strict=strict)
     id_to_name, images = _coco_index(coco, json_path)
     first = next(iter(images.values()))["file_name"]
     image_dir = next((d for d in image_dirs if (d / first).is_file()), None)
@@ -623,7 +623,7 @@ def dataset_folders() -> list[str]:
     return [task.dataset_dir for task in TASK_TABLE.values()]
 
 
-def load_task(root: str | Path, task: str, split: str, classes: Sequence[str] | int | None = None,
+def load_task(root: str | Path, task: str, split: str, classes: Sequence[str] | int | None = None, *,
               strict: bool = True) -> TaskData:
     """One split of one task, through its entry in the task table."""
     if task not in TASK_TABLE:
@@ -714,7 +714,7 @@ def _cell_centres(h: int, w: int, stride: int, device=None) -> tuple[torch.Tenso
 
 
 def encode_detection_targets(boxes: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                             input_hw: tuple[int, int], stride: int = OUTPUT_STRIDE, alpha: float = 0.54,
+                             input_hw: tuple[int, int], *, stride: int = OUTPUT_STRIDE, alpha: float = 0.54,
                              min_sigma: float = 0.0) -> dict:
     """TTFNet-style dense targets for one image (boxes xyxy in input pixels).
 
@@ -1066,7 +1066,7 @@ def _synthetic_classification(root: Path, split: str, n: int, rng: np.random.Gen
             _save_jpeg(img, root / "imagenette_160" / split / folder / f"{wnids[label]}_{split}{k}{ext}")
 
 
-def make_synthetic_dataset(root: str | Path, layout: str = "shared", n_train: int = 32, n_val: int = 12,
+def make_synthetic_dataset(root: str | Path, layout: str = "shared", *, n_train: int = 32, n_val: int = 12,
                            seed: int = 0) -> Path:
     """Write a small deterministic dataset in exactly the real layouts, each task's part written by its
     table entry (`synthesize`).
@@ -1361,7 +1361,7 @@ def segmentation_loss(out: dict, batch: dict) -> dict[str, torch.Tensor]:
     return {"seg": F.cross_entropy(logits, batch["mask"], ignore_index=IGNORE_INDEX)}
 
 
-def classification_loss(out: dict, batch: dict, label_smoothing: float = 0.1, teacher_weight: float = 0.0,
+def classification_loss(out: dict, batch: dict, label_smoothing: float = 0.1, *, teacher_weight: float = 0.0,
                         temperature: float = 2.0) -> dict[str, torch.Tensor]:
     """Cross-entropy with label smoothing; plus, when the batch carries 'teacher_logits' (the ImageNet
     classifier's) and teacher_weight > 0, their distillation."""
@@ -1401,7 +1401,7 @@ def detection_distillation_loss(student: dict, teacher: dict, conf: float = 0.3)
 # Decoders: network outputs -> predictions in original image coordinates
 # ==================================================================================================
 def decode_detections(heatmap: torch.Tensor, box_ltrb: torch.Tensor, orig_sizes: Sequence[tuple[int, int]],
-                      input_hw: tuple[int, int], score_thresh: float = 0.05, max_dets: int = 100,
+                      input_hw: tuple[int, int], *, score_thresh: float = 0.05, max_dets: int = 100,
                       nms_iou: float = 0.7, stride: int = OUTPUT_STRIDE) -> list[dict]:
     """heatmap: (B, C, h, w) probabilities (sigmoid of the logits); box_ltrb: (B, 4, h, w) pixels.
     Peaks are cells equal to their 3x3 max; the best 2*max_dets peaks above score_thresh go through
@@ -1574,8 +1574,9 @@ class ClassificationAccumulator:
 def decode_task_detections(out: dict, batch: dict, cfg: Config, score_thresh: float | None = None) -> list[dict]:
     """Detections of a batch in original coordinates, with the run's decoding settings."""
     return decode_detections(torch.sigmoid(out["det_heatmap"].float()), out["det_box"], batch["orig_size"],
-                             tuple(batch["image"].shape[-2:]), cfg.score_thresh if score_thresh is None else score_thresh,
-                             cfg.max_dets, cfg.nms_iou)
+                             tuple(batch["image"].shape[-2:]),
+                             score_thresh=cfg.score_thresh if score_thresh is None else score_thresh,
+                             max_dets=cfg.max_dets, nms_iou=cfg.nms_iou)
 
 
 def _detection_inputs(s: dict) -> dict:
@@ -1741,8 +1742,9 @@ TASK_TABLE: dict[str, Task] = {  # in the order of the head's output channels
         input_size=lambda cfg: cfg.cls_image_size,
         transform=lambda cfg, train: classification_transform(cfg.cls_image_size, train, backbone=cfg.backbone),
         transform_inputs=lambda s: {}, targets=lambda out, s, cfg: {"label": s["label"]},
-        loss=lambda out, batch, cfg: classification_loss(out, batch, cfg.label_smoothing, cfg.cls_teacher_weight,
-                                                         cfg.kd_temperature),
+        loss=lambda out, batch, cfg: classification_loss(out, batch, cfg.label_smoothing,
+                                                         teacher_weight=cfg.cls_teacher_weight,
+                                                         temperature=cfg.kd_temperature),
         external_teacher=lambda cfg, data: (ImageNetTeacher(cfg.backbone, cfg.backbone_weights, data.class_names)
                                             if cfg.cls_teacher_weight > 0 else None),
         distill=lambda student, teacher, cfg: kd_kl(student["cls"], teacher["cls"], cfg.kd_temperature),
@@ -1969,8 +1971,8 @@ def with_teacher_logits(batch: dict, task: str, task_teachers: dict[str, nn.Modu
     return {**batch, "teacher_logits": task_teachers[task](batch["image"])}
 
 
-def training_step_loss(model: UniHeadNet, teacher: UniHeadNet | None, task: str, batch: dict,
-                       replay: dict[str, dict], earlier: Sequence[str], cfg: Config,
+def training_step_loss(model: UniHeadNet, task: str, batch: dict, cfg: Config, *, replay: dict[str, dict] | None = None,
+                       earlier: Sequence[str] = (), teacher: UniHeadNet | None = None,
                        task_teachers: dict[str, nn.Module] | None = None) -> dict[str, torch.Tensor]:
     """All loss terms of one step: the stage's task on its batch (weighted by task_weight); with a teacher,
     distillation of every earlier task's outputs on the current images (LwF); for each replayed task its own
@@ -1985,7 +1987,7 @@ def training_step_loss(model: UniHeadNet, teacher: UniHeadNet | None, task: str,
             t_out = teacher(batch["image"])
         for e in earlier:
             terms[f"kd_{e}"] = cfg.kd_current_weight * cfg.kd_weight[e] * TASK_TABLE[e].distill(out, t_out, cfg)
-    for r_task, r_batch in replay.items():
+    for r_task, r_batch in (replay or {}).items():
         r_batch = with_teacher_logits(r_batch, r_task, task_teachers)
         r_out = model(r_batch["image"])
         for name, value in TASK_TABLE[r_task].loss(r_out, r_batch, cfg).items():
@@ -2052,8 +2054,8 @@ def train_step(stage: Stage, batch: dict, replay: dict[str, dict]) -> dict[str, 
     distillation) under autocast, backward through the gradient scaler, clipping, AdamW, the learning-rate
     schedule and the weight EMA. Returns each term and the total ('loss') as floats."""
     with _autocast(stage.device, stage.cfg.amp):
-        terms = training_step_loss(stage.model, stage.teacher, stage.task, batch, replay, stage.earlier, stage.cfg,
-                                   stage.task_teachers)
+        terms = training_step_loss(stage.model, stage.task, batch, stage.cfg, replay=replay, earlier=stage.earlier,
+                                   teacher=stage.teacher, task_teachers=stage.task_teachers)
     loss = sum(terms.values())
     if not torch.isfinite(loss):
         raise FloatingPointError(f"{stage.task}: non-finite loss {({k: float(v) for k, v in terms.items()})}")
@@ -2239,7 +2241,8 @@ def train_stage(model: UniHeadNet, task: str, data: dict, cfg: Config, stage_dir
         row = {"epoch": epoch + 1, **train_one_epoch(stage, progress), "lr": stage.optimizer.param_groups[-1]["lr"],
                "train_seconds": round(time.time() - t0, 2)}
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == stage.epochs:  # watched, never used to choose
-            watched = evaluate(stage.ema.model if stage.ema else model, {task: data[task]["val"]}, cfg, stage.device, [task])
+            watched = evaluate(stage.ema.model if stage.ema else model, {task: data[task]["val"]}, cfg, stage.device,
+                               tasks=[task])
             row.update({key: watched[key] for key in TASK_TABLE[task].watched})
         seconds += time.time() - t0
         row["seconds"] = round(time.time() - t0, 2)
@@ -2449,7 +2452,7 @@ def run_metadata(cfg: Config, device: torch.device, model: UniHeadNet, data: dic
 # Evaluation: the one entry point used by training, the notebook and eval.py
 # ==================================================================================================
 @torch.no_grad()
-def evaluate(model: UniHeadNet, data: dict[str, TaskData], cfg: Config, device: torch.device | None = None,
+def evaluate(model: UniHeadNet, data: dict[str, TaskData], cfg: Config, device: torch.device | None = None, *,
              tasks: Sequence[str] | None = None, keep_predictions: bool = False) -> dict:
     """Score the model on one split of each task. data: {task: TaskData}. Returns flat keys '<task>.<metric>'
     (det.map, det.map50, det.map75, det.per_class_ap, seg.miou, seg.pixel_acc, seg.per_class_iou, cls.top1,
@@ -2494,7 +2497,7 @@ def save_predictions(predictions: dict, out_dir: str | Path) -> dict[str, Path]:
 # Resources: parameters and latency
 # ==================================================================================================
 @torch.no_grad()
-def measure_latency(model: UniHeadNet, size: int = 512, batch: int = 1, device: torch.device | str | None = None,
+def measure_latency(model: UniHeadNet, size: int = 512, batch: int = 1, device: torch.device | str | None = None, *,
                     amp: bool = False, runs: int = 100, warmup: int = 10, channels_last: bool = True) -> dict:
     """Median and spread of the forward time (ms per batch) on one device, synchronised on CUDA so the
     clock measures the GPU work, after `warmup` untimed runs."""
@@ -2665,7 +2668,7 @@ def plot_per_class(metrics: dict, path: str | Path | None = None):
 
 
 @torch.no_grad()
-def plot_predictions(model: UniHeadNet, data: dict, cfg: Config, n: int = 3, split: str = "val",
+def plot_predictions(model: UniHeadNet, data: dict, cfg: Config, *, n: int = 3, split: str = "val",
                      path: str | Path | None = None):
     """Truth next to prediction on the first n images of each task's split (a row per task)."""
     plt = _plt()
@@ -3014,7 +3017,7 @@ def copy_artifacts(run_dir: str | Path, dest: str | Path) -> Path:
     return dest
 
 
-def publish_run(run_dir: str | Path, dest: str | Path, report_path: str | Path = "report.md",
+def publish_run(run_dir: str | Path, dest: str | Path, report_path: str | Path = "report.md", *,
                 seed_runs: Sequence[tuple[str | Path, str | Path]] = (), readme: str | Path | None = None) -> Path:
     """Copy a run's artifacts into the project (dest), likewise each (run_dir, dest) of seed_runs, write the
     top-level report from them, and regenerate the README's results table when readme is given."""

@@ -2,11 +2,9 @@
 model's size, output layout and frozen BatchNorm, and a tiny overfit run per task."""
 from __future__ import annotations
 
-import copy
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn

@@ -150,7 +150,8 @@ def test_loss_weights_scale_exactly_the_terms_they_name(synthetic_root):
     def terms(**kw):
         cfg = H.Config(**{**base.to_dict(), **kw})
         with torch.no_grad():
-            return {k: float(v) for k, v in H.training_step_loss(model, teacher, "cls", batch, replay, ["seg", "det"], cfg).items()}
+            terms = H.training_step_loss(model, "cls", batch, cfg, replay=replay, earlier=["seg", "det"], teacher=teacher)
+            return {k: float(v) for k, v in terms.items()}
     plain = terms(task_weight={"seg": 1.0, "det": 1.0, "cls": 1.0}, kd_current_weight=1.0)
     weighted = terms(task_weight={"seg": 1.0, "det": 1.0, "cls": 3.0}, kd_current_weight=0.25)
     assert plain["kd_seg"] > 0 and plain["kd_det"] > 0 and plain["cls"] > 0

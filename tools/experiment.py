@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> dict:
                            seed=cfg.seed + args.seed_offset, label=args.name)
     wall = time.time() - t0
     tasks = [args.task] + earlier
-    metrics = H.evaluate(model, {t: data[t]["val"] for t in tasks}, cfg, device, tasks)
+    metrics = H.evaluate(model, {t: data[t]["val"] for t in tasks}, cfg, device, tasks=tasks)
     train_seconds = sum(r["train_seconds"] for r in record["history"])
     steps = len(record["history"]) * len(H.make_loader(data[args.task]["train"], cfg, train=True))
     result = {"name": args.name, "task": args.task, "init": args.init, "earlier": earlier, "overrides": overrides,
