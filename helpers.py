@@ -3025,10 +3025,14 @@ def copy_artifacts(run_dir: str | Path, dest: str | Path) -> Path:
 
 
 def publish_run(run_dir: str | Path, dest: str | Path, report_path: str | Path = "report.md", *,
-                seed_runs: Sequence[tuple[str | Path, str | Path]] = (), readme: str | Path | None = None) -> Path:
+                seed_runs: Sequence[tuple[str | Path, str | Path]] = (), readme: str | Path | None = None,
+                with_weights: bool = False) -> Path:
     """Copy a run's artifacts into the project (dest), likewise each (run_dir, dest) of seed_runs, write the
-    top-level report from them, and regenerate the README's results table when readme is given."""
+    top-level report from them, and regenerate the README's results table when readme is given. with_weights
+    also copies the run's final.pt (fp16: about 8 MB with Lite0), so reviewers can score it with eval.py."""
     dest = copy_artifacts(run_dir, dest)
+    if with_weights:
+        shutil.copyfile(Path(run_dir) / "final.pt", dest / "final.pt")
     seed_dests = [copy_artifacts(src, d) for src, d in seed_runs]
     report = write_report(dest, Path(report_path), seed_runs=seed_dests)
     if readme:

@@ -343,9 +343,18 @@ def test_publish_copies_artifacts_and_regenerates_report_and_readme(smoke_run, t
     readme = tmp_path / "README.md"
     shutil.copyfile(ROOT / "README.md", readme)
     report = H.publish_run(smoke_run["out"], tmp_path / "results" / "smoke", tmp_path / "report.md",
-                           seed_runs=[(smoke_run["out"], tmp_path / "results" / "smoke-again")], readme=readme)
+                           seed_runs=[(smoke_run["out"], tmp_path / "results" / "smoke-again")], readme=readme,
+                           with_weights=True)
     published = tmp_path / "results" / "smoke"
-    assert not list(published.rglob("*.pt")) and not (published / "synthetic_data").exists()
+    # the final weights only (fp16, scored as stored), never stage checkpoints or data
+    assert [p.name for p in published.rglob("*.pt")] == ["final.pt"] and not (published / "synthetic_data").exists()
+    assert not list((tmp_path / "results" / "smoke-again").rglob("*.pt"))
+    proc = run_eval("--weights", published / "final.pt", "--data_root", smoke_run["out"] / "synthetic_data",
+                    "--device", "cpu", "--out", tmp_path / "shipped.json")
+    assert proc.returncode == 0, proc.stderr
+    shipped = json.loads((tmp_path / "shipped.json").read_text())
+    final_row = smoke_run["results"]["strategies"]["full"]["matrix"][-1]
+    assert all(shipped[k] == final_row[k] for k in ("det.map", "det.map50", "seg.miou", "cls.top1"))
     assert (published / "metrics.json").is_file() and (published / "full" / "stage1_seg" / "log.csv").is_file()
     text = report.read_text()
     for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):  # every figure the report shows exists

@@ -86,7 +86,7 @@ KD_WEIGHT = None      # e.g. {"det": 2.0}: weight of an earlier task's distillat
 SEED = None
 OUT_DIR = None        # where checkpoints, logs, figures and the report go
 USE_DRIVE = None      # Colab: None or True keeps OUT_DIR on Google Drive (a runtime reset resumes there); False: local
-PUBLISH = False       # copy this run's artifacts to results/ and write the top-level report.md
+PUBLISH = False       # copy this run's artifacts and final.pt to results/ and write the top-level report.md
 """, tags=["parameters"])
 
 code(r"""
@@ -192,7 +192,7 @@ print(f"training time: method {seconds['method'] / 60:.1f} min, single-task base
 print("weights:", Path(cfg.out_dir) / "final.pt", "| report:", Path(cfg.out_dir) / "report.md")
 if PUBLISH:  # artifacts (never weights or data) into results/, the top-level report.md and README table
     print("published:", H.publish_run(cfg.out_dir, Path("results") / Path(cfg.out_dir).name, "report.md",
-                                      readme="README.md"))
+                                      readme="README.md", with_weights=True))
 """)
 code(r"""
 from IPython.display import Markdown
