@@ -77,7 +77,9 @@ class Config:
     zoom_out_p: float = 0.3  # "strong": probability of shrinking the image onto a larger canvas first
     det_classes: list[str] | None = None  # None: all categories if <= 10, else the 10 with most train boxes
     num_det_classes: int = 10
-    det_min_sigma: float = 0.0  # floor of the detection Gaussians' sigma, in output cells (0: alpha * side / 6 only)
+    # floor of the detection Gaussians' sigma, in output cells (0: alpha * side / 6 only): a small object's
+    # neighbour cells become soft positives instead of full negatives
+    det_min_sigma: float = 1.0
     mosaic_p: float = 0.0  # detection training: probability of a 2x2 mosaic of four images (objects keep their size)
     det_sampling: str = "uniform"  # detection training images: "uniform" or "repeat_factor" (LVIS: rare classes more often)
     repeat_thresh: float = 0.3  # repeat_factor: classes in fewer than this fraction of images are repeated
@@ -94,7 +96,9 @@ class Config:
     grad_clip: float = 10.0
     label_smoothing: float = 0.1
     box_loss_weight: float = 5.0  # GIoU term of the detection loss against the heatmap focal loss
-    ema_decay: float = 0.0  # > 0: a stage ends with (and is evaluated on) the exponential moving average of its weights
+    # > 0: a stage ends with (and is watched on) the exponential moving average of its weights: the last epoch's
+    # model is less at the mercy of the last few steps, which matters when no epoch is chosen on val
+    ema_decay: float = 0.99
     # continual learning
     order: tuple[str, ...] = ("seg", "det", "cls")
     strategy: str = "full"  # "full" (distillation + replay + frozen BN) or "naive" (plain fine-tuning)
