@@ -1967,8 +1967,8 @@ class WeightEMA:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         for ema, live in zip(self.model.state_dict().values(), model.state_dict().values()):
-            if ema.dtype.is_floating_point:
-                ema.mul_(d).add_(live.detach(), alpha=1 - d)
+            if ema.dtype.is_floating_point:  # lerp: an entry that does not move (frozen) stays exact
+                ema.lerp_(live.detach(), 1 - d)
             else:
                 ema.copy_(live)
 
