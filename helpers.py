@@ -161,8 +161,9 @@ PROFILES: dict[str, dict[str, Any]] = {
     "full": dict(out_dir="runs/full", image_size=512, batch_size=16, epochs={"seg": 40, "det": 80, "cls": 12},
                  num_workers=2),
     # Real data on a CPU: smaller images, fewer epochs, offline Lite0 weights.
-    # (single-task detection, 20 epochs: mAP 0.0267 at 256 px, 0.0418 at 320 px; results/experiments/det)
-    "quick": dict(out_dir="runs/quick", backbone="efficientnet-lite0", image_size=320, cls_image_size=160,
+    # 256 px: 320 px gave single-task detection mAP 0.0418 against 0.0267 (20 epochs, results/experiments/det)
+    # but costs 1.4x the time, and one seed's whole pipeline has to stay near an hour on a 2-core CPU
+    "quick": dict(out_dir="runs/quick", backbone="efficientnet-lite0", image_size=256, cls_image_size=160,
                   batch_size=8, epochs={"seg": 20, "det": 20, "cls": 12}, replay_per_task=4,
                   single_task_baselines=True, compare_naive=True, eval_every=2, num_workers=0, latency_runs=20),
     # Embedded synthetic data, tiny images, CPU, the whole pipeline in about a minute (tests, CI).
