@@ -2782,13 +2782,23 @@ def _method_rows(results: dict, cfg: dict) -> list[dict]:
     return [r for r in results["summary"] if r["strategy"] == cfg["strategy"]]
 
 
+def rule_outcome(results: dict, cfg: dict) -> tuple[bool | None, bool | None]:
+    """(every task within 5 % of its single-task baseline, every task at or above it) for the final model of
+    the main strategy; None where a task has no baseline to compare with."""
+    rows = _method_rows(results, cfg)
+
+    def every(key: str) -> bool | None:
+        return None if any(r[key] is None for r in rows) else all(r[key] for r in rows)
+
+    return every("pass_rel"), every("bonus")
+
+
 def rule_verdict(results: dict, cfg: dict) -> str:
     """One sentence: does the final model keep every task within 5 % of its single-task baseline?"""
-    rows = _method_rows(results, cfg)
-    if any(r["pass_rel"] is None for r in rows):
+    within, bonus = rule_outcome(results, cfg)
+    if within is None:
         return "Without single-task baselines for every task, this run cannot say whether it passes the rule."
-    failed = [f"{r['task']} ({_fmt(r['drop_rel_pct'], 1)} % below)" for r in rows if not r["pass_rel"]]
-    bonus = all(r["bonus"] for r in rows)
+    failed = [f"{r['task']} ({_fmt(r['drop_rel_pct'], 1)} % below)" for r in _method_rows(results, cfg) if not r["pass_rel"]]
     if failed:
         return f"The rule (every task within 5 % of its single-task baseline) is **not met**: {', '.join(failed)}."
     return ("The rule (every task within 5 % of its single-task baseline) is **met**"
@@ -3079,9 +3089,7 @@ def update_readme_results(readme: str | Path, run_dirs: Sequence[str | Path]) ->
     for run_dir in run_dirs:
         run_dir = Path(run_dir)
         cfg, results, final, res = read_run(run_dir)
-        meta, rows = results["meta"], _method_rows(results, cfg)
-        within = None if any(r["pass_rel"] is None for r in rows) else all(r["pass_rel"] for r in rows)
-        bonus = None if any(r["bonus"] is None for r in rows) else all(r["bonus"] for r in rows)
+        meta, (within, bonus) = results["meta"], rule_outcome(results, cfg)
         lines.append(f"| [{run_dir.name}]({os.path.relpath(run_dir, readme.parent)}) | {res['device']} | {meta['profile']} | "
                      f"{meta['date']} | {meta['seed']} | {_fmt(final['det.map'])} | {_fmt(final['det.map50'])} | "
                      f"{_fmt(final['seg.miou'])} | {_fmt(final['cls.top1'])} | {_fmt(_worst_drop(results, cfg), 1)} % | "

@@ -59,16 +59,16 @@ def run(args: argparse.Namespace) -> dict:
     device = H.pick_device(cfg)
     model = H.initial_model(cfg, device)
     earlier = [t for t in args.earlier.split(",") if t]
-    teacher = None
+    teacher, replay = None, bool(earlier) and not args.naive  # naive: earlier tasks are only scored
     if args.init:
         H.load_weights(model, args.init)
-        teacher = H.freeze_teacher(model) if earlier and not args.naive else None
+        teacher = H.freeze_teacher(model) if replay else None
     stage_dir = Path(cfg.out_dir)
     for stale in ("last.pt", "log.csv"):
         (stage_dir / stale).unlink(missing_ok=True)
     t0 = time.time()
     record = H.train_stage(model, args.task, data, cfg, stage_dir, earlier=earlier, teacher=teacher,
-                           replay=bool(earlier) and not args.naive, device=device, lr_scale=cfg.lr_scale[args.task],
+                           replay=replay, device=device, lr_scale=cfg.lr_scale[args.task],
                            seed=cfg.seed + args.seed_offset, label=args.name)
     wall = time.time() - t0
     tasks = [args.task] + earlier
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> dict:
               "date": dt.date.today().isoformat(), "commit": git_commit(), "config": cfg.to_dict(),
               "metrics": {k: v for k, v in metrics.items() if not isinstance(v, list)},
               "naive": args.naive,
-              "train_images_per_s": steps * images_per_step(cfg, earlier, bool(earlier) and not args.naive) / train_seconds,
+              "train_images_per_s": steps * images_per_step(cfg, earlier, replay) / train_seconds,
               "train_seconds": train_seconds, "wall_seconds": wall, "history": record["history"]}
     H.write_json(result, Path(args.out) / f"{args.name}.json")
     if args.keep_weights:
@@ -119,13 +119,11 @@ def table(folder: Path) -> str:
 SECTIONS = {  # subfolder of results/experiments -> what its experiments compare
     "det": "Single-task detection, quick profile (256 px unless stated), 20 epochs: the project's recipe, a plain "
            "reference recipe, the reference with one factor reverted, then additions on top of the base recipe.",
-    "det384": "Single-task detection with the final recipe at 384 px, 20 epochs, two seeds.",
     "seg": "Single-task segmentation (stage 1), quick profile at 256 px, 20 epochs: augmentation.",
     "stage2": "Detection as stage 2 after segmentation (from the same stage-1 weights, 256 px): the method's levers; "
               "seg.miou is the earlier task kept.",
     "stage3": "Classification as stage 3 (from the same stage-2 weights): the method's levers; seg.miou and det.map "
               "are the earlier tasks kept.",
-    "cls": "Single-task classification (the baseline of stage 3).",
 }
 
 
