@@ -101,6 +101,19 @@ def test_probe_trains_only_its_own_outputs(tiny_data):
     assert changed == ["head.layers.2.weight", "head.layers.2.bias"]
 
 
+def test_probe_runs_only_in_the_methods_later_stages(tiny_data, tmp_path):
+    """probe_epochs applies where a stage has earlier tasks to protect with replay (the method); naive
+    fine-tuning and a single-task baseline (no earlier task) train without it."""
+    cfg = H.make_config("smoke", batch_size=4, epochs={"seg": 1, "det": 1, "cls": 1}, eval_every=1,
+                        probe_epochs={"seg": 0, "det": 2, "cls": 0})
+    probes = {}
+    for name, kw in {"method": dict(earlier=["seg"], replay=True), "naive": dict(earlier=["seg"], replay=False),
+                     "single": dict()}.items():
+        record = H.train_stage(H.initial_model(cfg), "det", tiny_data, cfg, tmp_path / name, **kw)
+        probes[name] = len(record["probe"])
+    assert probes == {"method": 2, "naive": 0, "single": 0}
+
+
 def test_imagenet_teacher_and_its_loss_term(tiny_data):
     """The teacher reads the ImageNet logits of the Imagenette classes, in their order; its KL term is
     added to the cross-entropy, scaled exactly by cls_teacher_weight, and absent at weight 0."""
