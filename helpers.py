@@ -132,7 +132,8 @@ class Config:
     # fine-tuned with distillation and replay (LP-FT, Kumar et al., ICLR 2022); 0: no probe. Later stages of the
     # method only. Quick profile, seed 0, detection as stage 2 from the same stage-1 weights: without a probe
     # mAP 0.0118 / mAP@0.5 0.0414 with segmentation kept at mIoU 0.465; with 3 probe epochs 0.0169 / 0.0504 and
-    # 0.478 (results/experiments/stage2)
+    # 0.478 (results/experiments/stage2). The quick re-run did not confirm the detection part across seeds (stage-2
+    # end mAP 0.0130 -> 0.0154 in seed 0, 0.0189 -> 0.0129 in seed 1: within seed noise on 60 val images)
     probe_epochs: dict[str, int] = field(default_factory=lambda: {"seg": 0, "det": 3, "cls": 0})
     probe_lr: float = 3e-3
     # WiSE-FT after a stage with earlier tasks: weights = start + wise_alpha * (trained - start), the stage's own
