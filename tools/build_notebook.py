@@ -30,7 +30,9 @@ One EfficientNet backbone, one FPN layer and **one 3-layer head whose single out
 (detection heatmaps and boxes, 21 segmentation logits, 10 classification logits). It is trained
 **segmentation -> detection -> classification**, one task's data per stage, and kept from forgetting by
 distillation from the previous stage's model, a small replay of earlier tasks (at most 10 images per task per step)
-and frozen BatchNorm statistics. Classification also distils from the backbone's own pretrained ImageNet
+and frozen BatchNorm statistics; detection, the second stage, starts by training only its own output channels
+(probe first, `probe_epochs`) so that it does not wreck the features segmentation needs. Classification also
+distils from the backbone's own pretrained ImageNet
 classifier (its logits of the 10 Imagenette classes; pretrained knowledge the assignment allows, disclosed in
 the report; `cls_teacher_weight`).
 
