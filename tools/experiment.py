@@ -119,8 +119,9 @@ def table(folder: Path) -> str:
 SECTIONS = {  # subfolder of results/experiments -> what its experiments compare
     "det": "Single-task detection, quick profile (256 px unless stated), 20 epochs: the project's recipe, a plain "
            "reference recipe, the reference with one factor reverted, then additions on top of the base recipe.",
-    "det384": "Single-task detection with the default recipe at 384 px, 20 epochs, two seeds (issue 10's criterion: "
-              "mAP@0.5 >= 0.12 and mAP >= 0.04 in each seed).",
+    "det384": "Single-task detection at 384 px, 20 epochs (issue 10's criterion: mAP@0.5 >= 0.12 and mAP >= 0.04 in "
+              "each of two seeds): the recipe of the day (seed0, seed1), then one factor changed on it: the neck's and "
+              "head's learning rate and the backbone's doubled (lr2x), the backbone's stochastic depth off (dc0).",
     "seg": "Single-task segmentation (stage 1), quick profile at 256 px, 20 epochs: augmentation.",
     "stage2": "Detection as stage 2 after segmentation (from the same stage-1 weights, 256 px): the method's levers; "
               "seg.miou is the earlier task kept.",
