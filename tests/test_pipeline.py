@@ -406,3 +406,22 @@ def test_report_without_baselines_says_n_a_not_fail(smoke_run, tmp_path):
     rows = [l for l in text.splitlines() if l.startswith("| full | ") and "det.map" in l]
     assert rows and "n/a" in rows[0] and "FAIL" not in rows[0]
     assert "cannot say whether it passes" in text
+
+
+def test_report_gives_the_val_box_count_of_each_rare_detection_class(smoke_run, tmp_path):
+    """A class with one val box swings mAP by a whole class's share: the limitations name such classes with
+    their counts, taken from the run's data facts."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run["out"], run, ignore=shutil.ignore_patterns("*.pt", "synthetic_data"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    det = metrics["meta"]["data"]["det"]
+    names = list(det["boxes_per_class"]["val"])
+    det["boxes_per_class"]["val"] = {name: (1 if i == 0 else 40) for i, name in enumerate(names)}
+    det["few_val_boxes"] = names[:1]
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    text = H.write_report(run, run / "report.md").read_text()
+    line = next(l for l in text.splitlines() if "few val boxes" in l)
+    assert f"(under 10: {names[0]} 1)" in line
+    assert all(f"{name} 40" not in line for name in names[1:])
+    assert f"by up to {1 / smoke_run['cfg'].num_det_classes:.2f}" in line
