@@ -65,7 +65,7 @@ class Config:
     # seed 0's jump is mostly 'suitcase', one box in val; results/experiments/det384) but not the sequential run,
     # which is what is scored (quick profile, seed 0, 0.2 -> 0: stage-1 mIoU 0.499 -> 0.470, final mAP 0.0194 ->
     # 0.0114, final top-1 0.883 -> 0.800, and single-task detection at 256 px mAP 0.0283 -> 0.0203;
-    # results/experiments/pipeline-dc0): the default keeps the backbone's own
+    # results/experiments/pipeline-dc0): the default (None) keeps the backbone's own rate
     drop_connect_rate: float | None = None
     box_scale: float = 16.0  # detection box distances are softplus(output) * box_scale pixels
     # data
