@@ -3011,7 +3011,7 @@ def _report_limitations(ctx: dict) -> list[str]:
     if val.get("cls"):
         det = data.get("det", {})
         val_boxes = det.get("boxes_per_class", {}).get("val", {})
-        few = ", ".join(f"{n} {val_boxes[n]}" if n in val_boxes else n for n in det.get("few_val_boxes", [])) or "none"
+        few = ", ".join(f"{n} {val_boxes[n]}" for n in det.get("few_val_boxes", [])) or "none"
         lines.append(f"- The val sets are small ({', '.join(f'{t}: {n}' for t, n in val.items())} images): one "
                      f"classification image moves Top-1 by {100 / val['cls']:.1f} points; detection classes with "
                      f"few val boxes (under 10: {few}) give noisy per-class AP, and each class's AP moves the "
