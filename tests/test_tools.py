@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -30,3 +32,27 @@ def test_experiment_records_a_stage_and_a_later_stage_from_its_weights(tmp_path)
     lines = table.stdout.splitlines()
     assert len(lines) == 4 and any(line.startswith("| det-after-seg | ") and "box_loss_weight=5" in line for line in lines)
     assert f"{record['metrics']['det.map']:.4f}" in table.stdout
+
+
+def test_reset_puts_the_named_parts_back_to_the_initial_model_and_keeps_the_others():
+    import torch
+    sys.path.insert(0, str(ROOT / "tools"))
+    import experiment
+    import helpers as H
+
+    cfg = H.make_config("smoke")
+    device = torch.device("cpu")
+    initial = {k: v.clone() for k, v in H.initial_model(cfg, device).state_dict().items()}
+    trained = H.initial_model(cfg, device)
+    with torch.no_grad():  # stands for an earlier stage's training: every weight moved
+        for p in trained.parameters():
+            p.add_(0.5)
+    moved = {k: v.clone() for k, v in trained.state_dict().items()}
+    experiment.reset_parts(trained, cfg, device, ["neck", "head"])
+    after = trained.state_dict()
+    for key, value in after.items():
+        expected = initial[key] if key.startswith(("neck.", "head.")) else moved[key]
+        assert torch.equal(value, expected), key
+    assert any(not torch.equal(after[k], initial[k]) for k in after if k.startswith("backbone."))  # kept as trained
+    with pytest.raises(ValueError, match="trunk"):
+        experiment.reset_parts(trained, cfg, device, ["trunk"])

@@ -51,6 +51,19 @@ def images_per_step(cfg: H.Config, earlier: list[str], replay: bool) -> int:
     return cfg.batch_size + (cfg.replay_per_task * len(earlier) if replay else 0)
 
 
+def reset_parts(model: H.UniHeadNet, cfg: H.Config, device, parts: list[str]) -> None:
+    """Put the named parts of a loaded model back to where every run starts (H.initial_model: the ImageNet
+    backbone, the neck and head drawn with the run's seed): which part of an earlier stage's weights helps or
+    hurts the next task."""
+    unknown = sorted(set(parts) - {"backbone", "neck", "head"})
+    if unknown:
+        raise ValueError(f"--reset takes backbone, neck, head; not {', '.join(unknown)}")
+    if parts:
+        fresh = H.initial_model(cfg, device)
+        for name in parts:
+            getattr(model, name).load_state_dict(getattr(fresh, name).state_dict())
+
+
 def run(args: argparse.Namespace) -> dict:
     overrides = parse_overrides(args.set)
     cfg = H.make_config(args.profile, data_root=args.data_root, seed=args.seed,
@@ -62,6 +75,7 @@ def run(args: argparse.Namespace) -> dict:
     teacher, replay = None, bool(earlier) and not args.naive  # naive: earlier tasks are only scored
     if args.init:
         H.load_weights(model, args.init)
+        reset_parts(model, cfg, device, [p for p in args.reset.split(",") if p])
         teacher = H.freeze_teacher(model) if replay else None
     stage_dir = Path(cfg.out_dir)
     for stale in ("last.pt", "log.csv"):
@@ -75,7 +89,7 @@ def run(args: argparse.Namespace) -> dict:
     metrics = H.evaluate(model, {t: data[t]["val"] for t in tasks}, cfg, device, tasks=tasks)
     train_seconds = sum(r["train_seconds"] for r in record["history"])
     steps = len(record["history"]) * len(H.make_loader(data[args.task]["train"], cfg, train=True))
-    result = {"name": args.name, "task": args.task, "init": args.init, "earlier": earlier, "overrides": overrides,
+    result = {"name": args.name, "task": args.task, "init": args.init, "reset": args.reset, "earlier": earlier, "overrides": overrides,
               "profile": cfg.profile, "seed": cfg.seed, "device": H.describe_device(device),
               "date": dt.date.today().isoformat(), "commit": git_commit(), "config": cfg.to_dict(),
               "metrics": {k: v for k, v in metrics.items() if not isinstance(v, list)},
@@ -108,7 +122,8 @@ def table(folder: Path) -> str:
              "| --- | --- | ---: | " + " | ".join("---:" for _ in present) + " | ---: | --- | --- | --- |"]
     for r in rows:
         changes = ", ".join([f"{k}={json.dumps(v)}" for k, v in r["overrides"].items()]
-                            + (["no replay or distillation (naive)"] if r.get("naive") else [])) or "(profile defaults)"
+                            + (["no replay or distillation (naive)"] if r.get("naive") else [])
+                            + ([f"{r['reset']} reset to the initial state"] if r.get("reset") else [])) or "(profile defaults)"
         values = " | ".join(f"{r['metrics'][k]:.4f}" if r["metrics"].get(k) is not None else "" for k, _ in present)
         tail = watched_tail(r, H.TASK_METRIC[r["task"]])
         lines.append(f"| {r['name']} | {changes} | {r['seed']} | {values} | {'' if tail is None else f'{tail:.4f}'} | "
@@ -155,6 +170,8 @@ def main(argv=None) -> None:
     p.add_argument("--seed-offset", type=int, default=1000,
                    help="added to the seed for the stage's draws (1000: as the single-task baselines)")
     p.add_argument("--init", default=None, help="weights.pt to start from (default: the ImageNet backbone)")
+    p.add_argument("--reset", default="", metavar="PARTS",
+                   help="with --init: comma list of parts (backbone, neck, head) put back to their initial state")
     p.add_argument("--earlier", default="", help="comma list of earlier tasks: replay and distillation of them")
     p.add_argument("--naive", action="store_true", help="earlier tasks only scored: no replay, no distillation")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON", help="config override")
