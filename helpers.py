@@ -146,6 +146,16 @@ class Config:
     # WiSE-FT after a stage with earlier tasks: weights = start + wise_alpha * (trained - start), the stage's own
     # output channels kept as trained; 1.0: no mixing. A fixed rule, never chosen on val
     wise_alpha: dict[str, float] = field(default_factory=lambda: {"seg": 1.0, "det": 1.0, "cls": 1.0})
+    # tasks whose stage in the method (after the first) starts with the neck and head redrawn as at the run's start
+    # (the backbone kept); the earlier tasks come back through distillation from the model before the redraw and
+    # replay, and the stage's neck and head BatchNorm statistics stay live. A neck and head trained for
+    # segmentation are a poor start for detection: naive detection after stage 1 (quick profile, seed 0, 20
+    # epochs) reached mAP 0.0145 from them and 0.0305 from a fresh draw (backbone from stage 1 either way;
+    # detection alone 0.0296). In the method the fresh neck and head must learn segmentation back at the same
+    # time, and detection did not gain (stage-2 end mAP / mAP@0.5 / mIoU 0.0154 / 0.0427 / 0.470 without,
+    # 0.0164 / 0.0589 / 0.463 with; last-epoch train heatmap loss 1.07 / 1.13; results/experiments/stage2-start):
+    # off by default
+    redraw_neck_head: tuple[str, ...] = ()
     det_kd_conf: float = 0.3  # teacher heat above which its boxes are distilled
     freeze_backbone_bn: bool = True
     # norm "bn": in every stage after the first, the neck's and head's BatchNorm statistics stay as the first
@@ -2049,13 +2059,28 @@ class Stage:
     start: dict[str, torch.Tensor]  # the weights the stage started from (WiSE-FT mixes back towards them)
 
 
+def redraws_neck_head(cfg: Config, task: str, earlier: Sequence[str], replay: bool) -> bool:
+    """Whether this stage starts from a fresh neck and head: only the method's later stages (with replay and
+    distillation to bring the earlier tasks back) of the tasks in cfg.redraw_neck_head."""
+    return bool(earlier) and replay and task in cfg.redraw_neck_head
+
+
+def redraw_neck_head(model: UniHeadNet, cfg: Config) -> None:
+    """Neck and head back to the run's initial draw (`initial_model`), the backbone kept."""
+    seed_everything(cfg.seed)
+    fresh = build_model(cfg)
+    model.neck.load_state_dict(fresh.neck.state_dict())
+    model.head.load_state_dict(fresh.head.state_dict())
+
+
 def make_stage(model: UniHeadNet, task: str, data: dict, cfg: Config, *, earlier: Sequence[str] = (),
                teacher: UniHeadNet | None = None, replay: bool = False, lr_scale: float = 1.0,
                device: torch.device | None = None, seed: int = 0) -> Stage:
     """A stage's loader, replay sampler, AdamW with warm-up and cosine decay, gradient scaler and weight EMA.
     Seeded, so a stage's augmentations and replay draws do not depend on what ran before it."""
     device = device or next(model.parameters()).device
-    model.freeze_neck_head_bn = bool(earlier) and cfg.freeze_head_bn_after_first
+    model.freeze_neck_head_bn = (bool(earlier) and cfg.freeze_head_bn_after_first
+                                 and not redraws_neck_head(cfg, task, earlier, replay))
     seed_everything(seed)
     epochs = int(cfg.epochs[task])
     generator = torch.Generator().manual_seed(seed)
@@ -2252,6 +2277,8 @@ def train_stage(model: UniHeadNet, task: str, data: dict, cfg: Config, stage_dir
     with its last epoch's weights (their moving average when cfg.ema_decay > 0): val is only watched, every
     eval_every epochs, for the curves; it never chooses anything. Returns the stage record."""
     stage_dir.mkdir(parents=True, exist_ok=True)
+    if redraws_neck_head(cfg, task, earlier, replay) and not (stage_dir / "last.pt").exists():
+        redraw_neck_head(model, cfg)  # (a resumed stage gets its weights from last.pt)
     stage = make_stage(model, task, data, cfg, earlier=earlier, teacher=teacher, replay=replay, lr_scale=lr_scale,
                        device=device, seed=seed)
     last = stage_dir / "last.pt"
@@ -2896,6 +2923,13 @@ def _method_extras(cfg: dict) -> list[str]:
         lines.append(f"- **Probe first (LP-FT, Kumar et al., ICLR 2022)**: a stage starts with {probe} epochs that train "
                      "only its task's own output channels of the head's last layer, everything shared frozen (the other "
                      "tasks' outputs cannot change), then fine-tunes everything with distillation and replay.")
+    if cfg.get("redraw_neck_head"):
+        lines.append(f"- **Fresh neck and head for {', '.join(cfg['redraw_neck_head'])}**: that stage starts with the "
+                     "neck and head drawn anew as at the run's start (the backbone kept), their BatchNorm statistics "
+                     "live; the earlier tasks' outputs come back through distillation from the model as the previous "
+                     "stage left it and through replay (a neck and head trained for segmentation are a poor start "
+                     "for detection; Ash & Adams, *On Warm-Starting Neural Network Training*, NeurIPS 2020, on why a "
+                     "warm start can learn a new task worse than a fresh one).")
     if cfg.get("cls_teacher_weight"):
         lines.append(f"- **ImageNet-classifier teacher (disclosed)**: classification also distils (weight "
                      f"{cfg['cls_teacher_weight']}, KL at temperature {cfg['kd_temperature']}) the logits that the "

@@ -231,3 +231,39 @@ def test_later_stages_keep_neck_and_head_batchnorm_statistics(tiny_data):
     assert stats and all(torch.equal(v, model.state_dict()[k]) for k, v in stats.items())
     assert not torch.equal(weight, model.head.layers[0][0].weight)
     assert first.model is model
+
+
+def test_redrawn_stage_starts_from_the_initial_neck_and_head_and_keeps_the_backbone(tiny_data, tmp_path):
+    """redraw_neck_head: the method's detection stage starts with neck and head as initial_model drew them (the
+    backbone as stage 1 left it), trains their BatchNorm statistics live, and distils from the model before the
+    redraw; naive fine-tuning and the stage of a task not listed keep every weight they were given."""
+    cfg = H.make_config("smoke", batch_size=4, epochs={"seg": 1, "det": 1, "cls": 1}, probe_epochs={"det": 0},
+                        redraw_neck_head=("det",))
+    initial = {k: v.clone() for k, v in H.initial_model(cfg).state_dict().items()}
+    model = H.initial_model(cfg)
+    with torch.no_grad():  # stands for stage 1: every weight moved
+        for p in model.parameters():
+            p.add_(0.25)
+    moved = {k: v.clone() for k, v in model.state_dict().items()}
+    H.redraw_neck_head(model, cfg)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, initial[key] if key.startswith(("neck.", "head.")) else moved[key]), key
+    assert H.redraws_neck_head(cfg, "det", ["seg"], replay=True)
+    assert not H.redraws_neck_head(cfg, "det", ["seg"], replay=False)  # naive: nothing would bring seg back
+    assert not H.redraws_neck_head(cfg, "cls", ["seg", "det"], replay=True)
+    assert not H.redraws_neck_head(cfg, "det", [], replay=False)  # the single-task baseline starts fresh anyway
+    stage = H.make_stage(model, "det", tiny_data, cfg, earlier=["seg"], teacher=H.freeze_teacher(model), replay=True)
+    assert not stage.model.freeze_neck_head_bn
+    assert H.make_stage(model, "cls", tiny_data, cfg, earlier=["seg", "det"], replay=True).model.freeze_neck_head_bn
+    # through train_stage: a later detection stage redraws, a naive one does not
+    for replay in (True, False):
+        model = H.initial_model(cfg)
+        with torch.no_grad():
+            for p in model.neck.parameters():
+                p.add_(0.25)
+        teacher = H.freeze_teacher(model) if replay else None
+        H.train_stage(model, "det", tiny_data, cfg, tmp_path / f"replay{replay}", earlier=["seg"], teacher=teacher,
+                      replay=replay)
+        lateral = model.neck.laterals[0].weight
+        gap = (lateral - initial["neck.laterals.0.weight"]).abs().max().item()
+        assert (gap < 0.1) if replay else (gap > 0.2), gap  # one epoch at lr 3e-3 moves a weight far less than 0.25

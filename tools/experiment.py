@@ -142,10 +142,15 @@ SECTIONS = {  # subfolder of results/experiments -> what its experiments compare
               "seg.miou is the earlier task kept.",
     "stage3": "Classification as stage 3 (from the same stage-2 weights): the method's levers; seg.miou and det.map "
               "are the earlier tasks kept.",
-    "stage2-start": "Why detection as stage 2 learns slower than detection alone: naive detection (no replay, no "
-                    "distillation, 256 px, 20 epochs, the neck's and head's BatchNorm statistics live) from the "
-                    "published seed-0 stage-1 weights, with parts of them put back to the initial state (the "
-                    "ImageNet backbone; the neck and head drawn with the seed); all three reset is detection alone.",
+    "stage2-start": "Why detection as stage 2 learns slower than detection alone: detection from the published seed-0 "
+                    "stage-1 weights (256 px, 20 epochs) with parts of them put back to the initial state (the "
+                    "ImageNet backbone; the neck and head drawn with the seed; all three reset is detection alone). "
+                    "live-*: naive (no replay, no distillation), the neck's and head's BatchNorm statistics live; "
+                    "method-*: the method's stage 2 (replay, distillation from the stage-1 model, probe) with a fresh "
+                    "neck and head, to compare with the published stage 2 (results/quick-seed0/full/stage2_det).",
+    "width192": "Capacity: neck and head 192 channels instead of 128 (quick profile, seed 0, 256 px): stage 1 "
+                "(segmentation), the method's stage 2 from it, and detection alone, to compare with the published "
+                "seed-0 run's stage 1, stage 2 and single-task detection (results/quick-seed0).",
 }
 
 
