@@ -245,7 +245,7 @@ def test_redrawn_stage_starts_from_the_initial_neck_and_head_and_keeps_the_backb
         for p in model.parameters():
             p.add_(0.25)
     moved = {k: v.clone() for k, v in model.state_dict().items()}
-    H.redraw_neck_head(model, cfg)
+    H.reset_to_initial(model, cfg, ("neck", "head"))
     for key, value in model.state_dict().items():
         assert torch.equal(value, initial[key] if key.startswith(("neck.", "head.")) else moved[key]), key
     assert H.redraws_neck_head(cfg, "det", ["seg"], replay=True)

@@ -34,25 +34,24 @@ def test_experiment_records_a_stage_and_a_later_stage_from_its_weights(tmp_path)
     assert f"{record['metrics']['det.map']:.4f}" in table.stdout
 
 
-def test_reset_puts_the_named_parts_back_to_the_initial_model_and_keeps_the_others():
+def test_reset_puts_the_backbone_back_to_imagenet_and_keeps_neck_and_head(tmp_path):
+    """--reset backbone (helpers.reset_to_initial): the loaded backbone goes back to the ImageNet weights that
+    initial_model starts from, the trained neck and head stay; an unknown part and --reset without --init are
+    refused."""
     import torch
-    sys.path.insert(0, str(ROOT / "tools"))
-    import experiment
     import helpers as H
 
     cfg = H.make_config("smoke")
-    device = torch.device("cpu")
-    initial = {k: v.clone() for k, v in H.initial_model(cfg, device).state_dict().items()}
-    trained = H.initial_model(cfg, device)
+    initial = {k: v.clone() for k, v in H.initial_model(cfg).state_dict().items()}
+    trained = H.initial_model(cfg)
     with torch.no_grad():  # stands for an earlier stage's training: every weight moved
         for p in trained.parameters():
             p.add_(0.5)
     moved = {k: v.clone() for k, v in trained.state_dict().items()}
-    experiment.reset_parts(trained, cfg, device, ["neck", "head"])
-    after = trained.state_dict()
-    for key, value in after.items():
-        expected = initial[key] if key.startswith(("neck.", "head.")) else moved[key]
-        assert torch.equal(value, expected), key
-    assert any(not torch.equal(after[k], initial[k]) for k in after if k.startswith("backbone."))  # kept as trained
+    H.reset_to_initial(trained, cfg, ["backbone"])
+    for key, value in trained.state_dict().items():
+        assert torch.equal(value, initial[key] if key.startswith("backbone.") else moved[key]), key
     with pytest.raises(ValueError, match="trunk"):
-        experiment.reset_parts(trained, cfg, device, ["trunk"])
+        H.reset_to_initial(trained, cfg, ["trunk"])
+    refused = run_tool("x", "--task", "det", "--reset", "neck", "--profile", "smoke", "--out", tmp_path)
+    assert refused.returncode != 0 and "--reset needs --init" in refused.stderr

@@ -4,6 +4,8 @@
     python tools/experiment.py det-light-aug --task det --set augment='{"det": "light"}'
     # a later stage from saved weights, with replay and distillation of the earlier tasks
     python tools/experiment.py s3-lpft --task cls --init runs/quick/full/stage2_det/weights.pt --earlier seg,det
+    # a later stage with parts of the saved weights put back to their initial state (of backbone, neck, head)
+    python tools/experiment.py s2-fresh-head --task det --init runs/quick/full/stage1_seg/weights.pt --earlier seg --reset neck,head
     # the table of every experiment in a folder
     python tools/experiment.py --table results/experiments/det
 
@@ -51,20 +53,9 @@ def images_per_step(cfg: H.Config, earlier: list[str], replay: bool) -> int:
     return cfg.batch_size + (cfg.replay_per_task * len(earlier) if replay else 0)
 
 
-def reset_parts(model: H.UniHeadNet, cfg: H.Config, device, parts: list[str]) -> None:
-    """Put the named parts of a loaded model back to where every run starts (H.initial_model: the ImageNet
-    backbone, the neck and head drawn with the run's seed): which part of an earlier stage's weights helps or
-    hurts the next task."""
-    unknown = sorted(set(parts) - {"backbone", "neck", "head"})
-    if unknown:
-        raise ValueError(f"--reset takes backbone, neck, head; not {', '.join(unknown)}")
-    if parts:
-        fresh = H.initial_model(cfg, device)
-        for name in parts:
-            getattr(model, name).load_state_dict(getattr(fresh, name).state_dict())
-
-
 def run(args: argparse.Namespace) -> dict:
+    if args.reset and not args.init:
+        raise SystemExit("--reset needs --init: without it every part already starts in its initial state")
     overrides = parse_overrides(args.set)
     cfg = H.make_config(args.profile, data_root=args.data_root, seed=args.seed,
                         out_dir=str(Path(args.out) / args.name), **overrides)
@@ -76,7 +67,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.init:
         H.load_weights(model, args.init)
         teacher = H.freeze_teacher(model) if replay else None  # the earlier stage's model, before any reset
-        reset_parts(model, cfg, device, [p for p in args.reset.split(",") if p])
+        H.reset_to_initial(model, cfg, [p for p in args.reset.split(",") if p])
     stage_dir = Path(cfg.out_dir)
     for stale in ("last.pt", "log.csv"):
         (stage_dir / stale).unlink(missing_ok=True)
@@ -89,7 +80,8 @@ def run(args: argparse.Namespace) -> dict:
     metrics = H.evaluate(model, {t: data[t]["val"] for t in tasks}, cfg, device, tasks=tasks)
     train_seconds = sum(r["train_seconds"] for r in record["history"])
     steps = len(record["history"]) * len(H.make_loader(data[args.task]["train"], cfg, train=True))
-    result = {"name": args.name, "task": args.task, "init": args.init, "reset": args.reset, "earlier": earlier, "overrides": overrides,
+    result = {"name": args.name, "task": args.task, "init": args.init, "reset": args.reset, "earlier": earlier,
+              "overrides": overrides,
               "profile": cfg.profile, "seed": cfg.seed, "device": H.describe_device(device),
               "date": dt.date.today().isoformat(), "commit": git_commit(), "config": cfg.to_dict(),
               "metrics": {k: v for k, v in metrics.items() if not isinstance(v, list)},
