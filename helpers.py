@@ -2075,8 +2075,9 @@ def reset_to_initial(model: UniHeadNet, cfg: Config, parts: Sequence[str] = ("ne
     unknown = sorted(set(parts) - {"backbone", "neck", "head"})
     if unknown:
         raise ValueError(f"parts to reset are backbone, neck, head; not {', '.join(unknown)}")
-    seed_everything(cfg.seed)
-    fresh = build_model(cfg)
+    if not parts:
+        return
+    fresh = initial_model(cfg, next(model.parameters()).device)
     for name in parts:
         getattr(model, name).load_state_dict(getattr(fresh, name).state_dict())
 
