@@ -135,8 +135,8 @@ def test_replay_never_exceeds_the_limit(synthetic_root):
 
 
 def test_loss_weights_scale_exactly_the_terms_they_name(synthetic_root):
-    """task_weight scales the stage's own loss only; kd_current_weight scales distillation on the current
-    images only (replay terms keep their weight). Same weights, same batches: the ratios are exact."""
+    """task_weight scales the stage's own loss only; kd_current_weight (of the stage's task) scales distillation on
+    the current images only (replay terms keep their weight). Same weights, same batches: the ratios are exact."""
     data = H.load_all(synthetic_root, verbose=False)
     base = H.make_config("smoke", replay_per_task=2, batch_size=2)
     model = H.initial_model(base).eval()  # eval: no drop-connect, so two forward passes agree
@@ -152,8 +152,9 @@ def test_loss_weights_scale_exactly_the_terms_they_name(synthetic_root):
         with torch.no_grad():
             terms = H.training_step_loss(model, "cls", batch, cfg, replay=replay, earlier=["seg", "det"], teacher=teacher)
             return {k: float(v) for k, v in terms.items()}
-    plain = terms(task_weight={"seg": 1.0, "det": 1.0, "cls": 1.0}, kd_current_weight=1.0)
-    weighted = terms(task_weight={"seg": 1.0, "det": 1.0, "cls": 3.0}, kd_current_weight=0.25)
+    plain = terms(task_weight={"seg": 1.0, "det": 1.0, "cls": 1.0}, kd_current_weight={"seg": 1.0, "det": 1.0, "cls": 1.0})
+    # the factor of the stage being trained (cls) applies; another stage's (det 0) does not
+    weighted = terms(task_weight={"seg": 1.0, "det": 1.0, "cls": 3.0}, kd_current_weight={"seg": 1.0, "det": 0.0, "cls": 0.25})
     assert plain["kd_seg"] > 0 and plain["kd_det"] > 0 and plain["cls"] > 0
     assert weighted["cls"] == pytest.approx(3 * plain["cls"], rel=1e-5)
     for k in ("kd_seg", "kd_det"):
