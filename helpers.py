@@ -159,8 +159,10 @@ class Config:
     # epochs) reached mAP 0.0145 from them and 0.0305 from a fresh draw (backbone from stage 1 either way;
     # detection alone 0.0296). In the method the fresh neck and head must learn segmentation back at the same
     # time, and detection did not gain (stage-2 end mAP / mAP@0.5 / mIoU 0.0154 / 0.0427 / 0.470 without,
-    # 0.0164 / 0.0589 / 0.463 with; last-epoch train heatmap loss 1.07 / 1.13; results/experiments/stage2-start):
-    # off by default
+    # 0.0164 / 0.0589 / 0.463 with; last-epoch train heatmap loss 1.07 / 1.13; results/experiments/stage2-start).
+    # Without distillation on the detection images as well (kd_current_weight det 0) segmentation does not come
+    # back (0.0196 / 0.0516 / 0.411). Neck or head alone redrawn in naive detection: 0.0164 and 0.0180 (both
+    # parts slow detection). Off by default
     redraw_neck_head: tuple[str, ...] = ()
     det_kd_conf: float = 0.3  # teacher heat above which its boxes are distilled
     freeze_backbone_bn: bool = True

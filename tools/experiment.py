@@ -139,7 +139,9 @@ SECTIONS = {  # subfolder of results/experiments -> what its experiments compare
                     "ImageNet backbone; the neck and head drawn with the seed; all three reset is detection alone). "
                     "live-*: naive (no replay, no distillation), the neck's and head's BatchNorm statistics live; "
                     "method-*: the method's stage 2 (replay, distillation from the stage-1 model, probe) with a fresh "
-                    "neck and head, to compare with the published stage 2 (results/quick-seed0/full/stage2_det).",
+                    "neck and head, to compare with the published stage 2 (results/quick-seed0/full/stage2_det); "
+                    "method-redraw-kd0 was run by the notebook (redraw_neck_head, no distillation on the detection "
+                    "images; its record is converted from the stage's done.json).",
     "width192": "Capacity: neck and head 192 channels instead of 128 (quick profile, seed 0, 256 px): stage 1 "
                 "(segmentation), the method's stage 2 from it, and detection alone, to compare with the published "
                 "seed-0 run's stage 1, stage 2 and single-task detection (results/quick-seed0).",
