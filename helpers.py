@@ -195,6 +195,9 @@ PROFILES: dict[str, dict[str, Any]] = {
     "full": dict(out_dir="runs/full", image_size=512, batch_size=16, epochs={"seg": 40, "det": 80, "cls": 12},
                  num_workers=2),
     # Real data on a CPU: smaller images, fewer epochs, offline Lite0 weights.
+    # replay 4 (not the default 8) keeps stages 2-3 short; 8 kept segmentation better but not the other two (seed
+    # 0, final mIoU / mAP / mAP@0.5 / top-1 0.461 / 0.0194 / 0.058 / 0.883 at 4 -> 0.472 / 0.0164 / 0.065 / 0.850,
+    # stages 2 + 3 32.0 instead of 21.8 minutes; results/experiments/pipeline-replay8)
     # 256 px: 320 px gave single-task detection mAP 0.0418 against 0.0267 (20 epochs, results/experiments/det)
     # but costs 1.4x the time, and one seed's whole pipeline has to stay near an hour on a 2-core CPU
     "quick": dict(out_dir="runs/quick", backbone="efficientnet-lite0", image_size=256, cls_image_size=160,

@@ -55,3 +55,23 @@ def test_reset_puts_the_backbone_back_to_imagenet_and_keeps_neck_and_head(tmp_pa
         H.reset_to_initial(trained, cfg, ["trunk"])
     refused = run_tool("x", "--task", "det", "--reset", "neck", "--profile", "smoke", "--out", tmp_path)
     assert refused.returncode != 0 and "--reset needs --init" in refused.stderr
+
+
+def test_readme_lists_stage_tables_and_whole_pipeline_runs(tmp_path):
+    """--readme: a folder of stage records becomes a table; a folder holding only a README (a whole notebook run)
+    is listed by its title and linked; a folder with neither is left out."""
+    stage = tmp_path / "stage2"
+    stage.mkdir()
+    record = {"name": "s2-x", "task": "det", "overrides": {"lr": 0.002}, "seed": 3, "device": "CPU", "date": "2026-01-01",
+              "commit": "abc1234", "metrics": {"det.map": 0.0123, "seg.miou": 0.4567},
+              "history": [{"epoch": 1, "det.map": 0.0123}]}
+    (stage / "s2-x.json").write_text(json.dumps(record))
+    (tmp_path / "pipeline-y").mkdir()
+    (tmp_path / "pipeline-y" / "README.md").write_text("# The pipeline with y changed\n\nbody\n")
+    (tmp_path / "empty").mkdir()
+    done = run_tool("--readme", tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = (tmp_path / "README.md").read_text()
+    assert "## stage2" in text and "| s2-x | lr=0.002 | 3 | 0.0123 |" in text and "0.4567" in text
+    assert "- [pipeline-y](pipeline-y/README.md): The pipeline with y changed" in text
+    assert "empty" not in text

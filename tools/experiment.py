@@ -158,6 +158,16 @@ def write_readme(root: Path) -> Path:
              "the winners: p-project is the recipe before this work).", ""]
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and list(p.glob("*.json"))):
         lines += [f"## {sub.name}", "", SECTIONS.get(sub.name, ""), "", table(sub), ""]
+    # whole runs of the notebook with one change (no stage records): their own README says what and how to compare
+    runs = sorted(p for p in root.iterdir() if p.is_dir() and not list(p.glob("*.json")) and (p / "README.md").is_file())
+    if runs:
+        lines += ["## Whole pipeline runs", "", "The notebook run with one change against a published run; each "
+                  "folder's README says what changed, where its artifacts are and what came of it.", ""]
+        for sub in runs:
+            title = next((line.lstrip("# ").strip() for line in (sub / "README.md").read_text().splitlines()
+                          if line.startswith("#")), sub.name)
+            lines.append(f"- [{sub.name}]({sub.name}/README.md): {title}")
+        lines.append("")
     path = root / "README.md"
     path.write_text("\n".join(lines))
     return path
