@@ -236,12 +236,13 @@ def default_profile() -> str:
 
 
 def _layer(base: dict, new: dict) -> None:
-    """Update base with new; a dict field given as a partial dict updates only the keys it names."""
+    """Update base with new; a per-task dict field given as a partial dict updates only the keys it names, and
+    given as one value sets every task's (`task_weight=2`)."""
     for key, value in new.items():
         if key not in base:
             raise ValueError(f"unknown config field {key!r}")
-        if isinstance(base[key], dict) and isinstance(value, dict):
-            value = {**base[key], **value}
+        if isinstance(base[key], dict):
+            value = {**base[key], **value} if isinstance(value, dict) else {task: value for task in base[key]}
         if isinstance(base[key], tuple) and isinstance(value, list):
             value = tuple(value)
         base[key] = value
@@ -1880,13 +1881,8 @@ def read_checkpoint(path: str | Path) -> dict:
 
 
 def config_from_checkpoint(payload: dict) -> Config:
-    known = {f.name for f in dataclasses.fields(Config)}
-    fields = {k: v for k, v in payload["config"].items() if k in known}
-    for key in ("order", "scale_jitter", "redraw_neck_head"):
-        if isinstance(fields.get(key), list):
-            fields[key] = tuple(fields[key])
-    if isinstance(fields.get("kd_current_weight"), (int, float)):  # checkpoints from before it was per stage
-        fields["kd_current_weight"] = {t: float(fields["kd_current_weight"]) for t in TASK_TABLE}
+    fields = Config().to_dict()  # JSON lists back to tuples; one figure where a field is now per task, for each task
+    _layer(fields, {k: v for k, v in payload["config"].items() if k in fields})
     cfg = Config(**fields)
     cfg.det_classes = payload["classes"]["det"]
     return cfg

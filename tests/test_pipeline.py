@@ -329,6 +329,21 @@ def test_config_precedence(monkeypatch):
         assert H.make_config().profile == "smoke"
 
 
+def test_one_value_for_a_per_task_field_sets_every_task(monkeypatch):
+    """A per-task dict field given one value (keyword, environment, or an older checkpoint that stored one figure
+    where the field is now per task) holds that value for every task; a checkpoint's JSON lists come back as the
+    tuples the config declares."""
+    assert H.make_config("smoke", task_weight=2.5).task_weight == {"seg": 2.5, "det": 2.5, "cls": 2.5}
+    monkeypatch.setenv("UNIHEAD_KD_CURRENT_WEIGHT", "0.5")
+    assert H.make_config("smoke").kd_current_weight == {"seg": 0.5, "det": 0.5, "cls": 0.5}
+    stored = {**H.make_config("quick").to_dict(), "kd_current_weight": 0.25, "order": ["seg", "det", "cls"],
+              "redraw_neck_head": ["det"]}
+    cfg = H.config_from_checkpoint({"config": stored, "classes": {"det": ["a", "b"]}})
+    assert cfg.kd_current_weight == {"seg": 0.25, "det": 0.25, "cls": 0.25}
+    assert cfg.order == ("seg", "det", "cls") and cfg.redraw_neck_head == ("det",) and cfg.det_classes == ["a", "b"]
+    assert cfg.profile == "quick" and cfg.image_size == H.PROFILES["quick"]["image_size"]
+
+
 def test_readme_commands_are_what_ci_runs():
     readme = (ROOT / "README.md").read_text().splitlines()
     main = [l for l in readme if l.rstrip().endswith("# main job")]
