@@ -159,10 +159,16 @@ def write_readme(root: Path) -> Path:
              "val sets have 60 images: differences of a few thousandths of mAP are within seed noise. 'changes' are "
              "against the profile's defaults at the commit that ran the experiment (the defaults have since taken "
              "the winners: p-project is the recipe before this work).", ""]
-    for sub in sorted(p for p in root.iterdir() if p.is_dir() and list(p.glob("*.json"))):
+    # a folder of stage records gets a table; a folder of a whole notebook run with one change (no stage records)
+    # is listed by its own README, which says what changed and how to compare
+    records, runs = [], []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        if any(sub.glob("*.json")):
+            records.append(sub)
+        elif (sub / "README.md").is_file():
+            runs.append(sub)
+    for sub in records:
         lines += [f"## {sub.name}", "", SECTIONS.get(sub.name, ""), "", table(sub), ""]
-    # whole runs of the notebook with one change (no stage records): their own README says what and how to compare
-    runs = sorted(p for p in root.iterdir() if p.is_dir() and not list(p.glob("*.json")) and (p / "README.md").is_file())
     if runs:
         lines += ["## Whole pipeline runs", "", "The notebook run with one change against a published run; each "
                   "folder's README says what changed, where its artifacts are and what came of it.", ""]
