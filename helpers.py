@@ -124,11 +124,11 @@ class Config:
     # where the earlier tasks are not scored. Stage 2 at 0 (quick profile, seed 0, older recipe) gave mAP 0.0135
     # against 0.0118 with mIoU kept 0.471 against 0.465 (results/experiments/stage2 s2-kd0: within seed noise).
     # Stage 3 from the published stage-2 weights (results/experiments/stage3 s0-, s1-kdcur-*), seed 0 / 1, at
-    # 1 / 0.5 / 0: top-1 0.883 / 0.867 / 0.917 (seed 0) and 0.850 / - / 0.917 (seed 1); mIoU 0.461 / 0.457 / 0.452
-    # and 0.460 / - / 0.456; mAP 0.0194 / 0.0157 / 0.0141 and 0.0116 / - / 0.0127 (stage-2 end: 0.0154, 0.0129).
-    # At 0 classification gains two and four images, detection stays at its stage-2 end and segmentation gives up
-    # under a point: the classification images carry no label of the earlier tasks, and replay (with its own
-    # labels and distillation) keeps them
+    # 1 / 0.5 / 0: top-1 0.883 / 0.867 / 0.917 (seed 0) and 0.850 / 0.883 / 0.917 (seed 1); mIoU 0.461 / 0.457 /
+    # 0.452 and 0.460 / 0.465 / 0.456; mAP 0.0194 / 0.0157 / 0.0141 and 0.0116 / 0.0123 / 0.0127 (stage-2 end:
+    # 0.0154, 0.0129). Only 0 reaches top-1 0.90 in both seeds (two and four images more than at 1); detection
+    # stays near its stage-2 end and segmentation gives up under a point: the classification images carry no
+    # label of the earlier tasks, and replay (with its own labels and distillation) keeps those tasks
     kd_current_weight: dict[str, float] = field(default_factory=lambda: {"seg": 1.0, "det": 1.0, "cls": 0.0})
     # weight of the stage's own task loss (not of its replay later): the last stage's task has to move
     # shared features against the replay and distillation terms of both earlier tasks
