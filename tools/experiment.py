@@ -141,10 +141,11 @@ SECTIONS = {  # subfolder of results/experiments -> what its experiments compare
                     "stage-1 weights (256 px, 20 epochs) with parts of them put back to the initial state (the "
                     "ImageNet backbone; the neck and head drawn with the seed; all three reset is detection alone). "
                     "live-*: naive (no replay, no distillation), the neck's and head's BatchNorm statistics live; "
-                    "method-*: the method's stage 2 (replay, distillation from the stage-1 model, probe) with a fresh "
-                    "neck and head, to compare with the published stage 2 (results/quick-seed0/full/stage2_det); "
-                    "method-redraw-kd0 was run by the notebook (redraw_neck_head, no distillation on the detection "
-                    "images; its record is converted from the stage's done.json).",
+                    "method-*: the method's stage 2 (replay, distillation from the stage-1 model, probe), to compare "
+                    "with the published stage 2 (results/quick-seed0/full/stage2_det: mAP 0.0154, mAP@0.5 0.0427, "
+                    "mIoU 0.4700); method-neckhead-fresh with a fresh neck and head; method-redraw-kd0 and method-kd0 "
+                    "were run by the notebook (with and without redraw_neck_head, no distillation on the detection "
+                    "images; their records are converted from the stage's done.json).",
     "width192": "Capacity: neck and head 192 channels instead of 128 (quick profile, seed 0, 256 px): stage 1 "
                 "(segmentation), the method's stage 2 from it, and detection alone, to compare with the published "
                 "seed-0 run's stage 1, stage 2 and single-task detection (results/quick-seed0).",
