@@ -134,9 +134,10 @@ SECTIONS = {  # subfolder of results/experiments -> what its experiments compare
               "seg.miou is the earlier task kept.",
     "stage3": "Classification as stage 3 (from the same stage-2 weights): the method's levers; seg.miou and det.map "
               "are the earlier tasks kept. s3-*: from an earlier stage-2 model of seed 0; s0-*, s1-*: from the "
-              "published runs' stage-2 weights of that seed (s1-method reproduces the published seed-1 stage 3: the "
-              "same losses epoch by epoch; its final row differs in the fourth decimal because final.pt is scored "
-              "in fp16).",
+              "published runs' stage-2 weights of that seed (s1-method reproduces the published seed-1 stage 3 of "
+              "its day: the same losses epoch by epoch; its final row differs in the fourth decimal because final.pt "
+              "is scored in fp16), except s0-replay8-*: from the stage-2 weights of the whole-pipeline run "
+              "pipeline-replay8 (8 replay images per earlier task in stages 2 and 3).",
     "stage2-start": "Why detection as stage 2 learns slower than detection alone: detection from the published seed-0 "
                     "stage-1 weights (256 px, 20 epochs) with parts of them put back to the initial state (the "
                     "ImageNet backbone; the neck and head drawn with the seed; all three reset is detection alone). "
