@@ -2033,12 +2033,13 @@ def training_step_loss(model: UniHeadNet, task: str, batch: dict, cfg: Config, *
     """All loss terms of one step: the stage's task on its batch (weighted by task_weight); with a teacher,
     distillation of every earlier task's outputs on the current images (LwF); for each replayed task its own
     loss on the replay images plus distillation there too. task_teachers: a task's external teacher (the
-    ImageNet classifier for classification) wherever that task's images are."""
+    ImageNet classifier for classification) wherever that task's images are. A stage whose kd_current_weight is 0
+    has no distillation terms on its own images and spends no teacher pass on them."""
     terms: dict[str, torch.Tensor] = {}
     batch = with_teacher_logits(batch, task, task_teachers)
     out = model(batch["image"])
     terms.update({name: cfg.task_weight[task] * value for name, value in TASK_TABLE[task].loss(out, batch, cfg).items()})
-    if teacher is not None and earlier:
+    if teacher is not None and earlier and cfg.kd_current_weight[task]:
         with torch.no_grad():
             t_out = teacher(batch["image"])
         for e in earlier:

@@ -161,6 +161,18 @@ def test_loss_weights_scale_exactly_the_terms_they_name(synthetic_root):
         assert weighted[k] == pytest.approx(0.25 * plain[k], rel=1e-5)
     for k in (k for k in plain if k.startswith("replay_")):
         assert weighted[k] == pytest.approx(plain[k], rel=1e-5), k
+    # at 0 the stage's own images get no distillation term (and no teacher pass); replay keeps all of its terms
+    sides = []  # the input side of each teacher pass: classification images are smaller than the replayed ones
+    hook = teacher.register_forward_hook(lambda module, args, output: sides.append(args[0].shape[-1]))
+    terms(kd_current_weight={"seg": 1.0, "det": 1.0, "cls": 0.25})
+    with_kd, sides[:] = list(sides), []
+    released = terms(task_weight={"seg": 1.0, "det": 1.0, "cls": 3.0}, kd_current_weight={"seg": 1.0, "det": 1.0, "cls": 0.0})
+    hook.remove()
+    assert not any(k in released for k in ("kd_seg", "kd_det")) and released["cls"] == pytest.approx(weighted["cls"], rel=1e-6)
+    assert {k: v for k, v in released.items() if k.startswith("replay_")} == pytest.approx(
+        {k: v for k, v in plain.items() if k.startswith("replay_")}, rel=1e-6)
+    assert with_kd == [base.cls_image_size, base.image_size, base.image_size]
+    assert sides == [base.image_size, base.image_size]  # the two replay batches only
 
 
 def test_run_pipeline_takes_the_detection_classes_from_its_data(tmp_path):
