@@ -3079,7 +3079,7 @@ def _report_limitations(ctx: dict) -> list[str]:
                      "that box is its best-scored detection).")
     lines.append("- The recipe's defaults (learning rates, augmentation, distillation and replay weights, epochs) were "
                  "chosen from experiments scored on the val sets of the course data (`results/experiments` in the "
-                 "repository, two seeds): no run chooses anything on val, but val has informed the defaults, so on that "
+                 "repository; most on one seed): no run chooses anything on val, but val has informed the defaults, so on that "
                  "data it is a slightly optimistic estimate of the hidden test sets.")
     overlap = {t: d["overlap"] for t, d in data.items() if d.get("overlap")}
     for task, files in overlap.items():

@@ -143,8 +143,8 @@ SECTIONS = {  # subfolder of results/experiments -> what its experiments compare
                     "ImageNet backbone; the neck and head drawn with the seed; all three reset is detection alone). "
                     "live-*: naive (no replay, no distillation), the neck's and head's BatchNorm statistics live; "
                     "method-*: the method's stage 2 (replay, distillation from the stage-1 model, probe), to compare "
-                    "with the published stage 2 (results/quick-seed0/full/stage2_det: mAP 0.0154, mAP@0.5 0.0427, "
-                    "mIoU 0.4700); method-neckhead-fresh with a fresh neck and head; method-redraw-kd0 and method-kd0 "
+                    "with the published stage 2 (its val figures in results/quick-seed0/full/stage2_det/done.json); "
+                    "method-neckhead-fresh with a fresh neck and head; method-redraw-kd0 and method-kd0 "
                     "were run by the notebook (with and without redraw_neck_head, no distillation on the detection "
                     "images; their records are converted from the stage's done.json).",
     "width192": "Capacity: neck and head 192 channels instead of 128 (quick profile, seed 0, 256 px): stage 1 "
