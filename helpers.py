@@ -2929,15 +2929,14 @@ def _report_method(ctx: dict) -> list[str]:
             "within a run, val is watched for the curves and never used to choose an epoch, a mix or a weight "
             "(the recipe's defaults are another matter: see Limitations).", "",
             f"The method (`full`): in stage k, the model after stage k-1 is a frozen teacher. Each step adds "
-            f"(1) **distillation** of every earlier task's outputs on the current images and on the replayed "
-            f"ones (Learning without Forgetting, Li & Hoiem, TPAMI 2017; KL at temperature {cfg['kd_temperature']} "
+            f"(1) **distillation** of every earlier task's outputs on the replayed images and, weighted per stage "
+            f"by {cfg['kd_current_weight']} (0: none), on the stage's own images (Learning without Forgetting, Li & Hoiem, TPAMI 2017; KL at temperature {cfg['kd_temperature']} "
             f"for segmentation and classification logits, Bernoulli KL on heatmaps plus GIoU to the teacher's "
             f"boxes where its heat exceeds {cfg['det_kd_conf']} for detection), and (2) **replay** of "
             f"{cfg['replay_per_task']} images per earlier task per step (the assignment allows 10) with their own "
             f"labels (experience replay; Chaudhry et al., *On Tiny Episodic Memories in Continual Learning*, 2019). "
-            f"Each stage's own loss is weighted by {cfg['task_weight']} against those terms, and distillation on the "
-            f"current images by {cfg['kd_current_weight']} (per stage; 0: that stage distils on its replayed images "
-            f"only). The `naive` ablation fine-tunes each stage on its own "
+            f"Each stage's own loss is weighted by {cfg['task_weight']} against those terms. The `naive` ablation "
+            f"fine-tunes each stage on its own "
             f"data only (same architecture, same budget){naive}.", "", *_method_extras(cfg)]
 
 
