@@ -114,6 +114,21 @@ def test_probe_runs_only_in_the_methods_later_stages(tiny_data, tmp_path):
     assert probes == {"method": 2, "naive": 0, "single": 0}
 
 
+def test_later_backbone_lr_scale_acts_only_in_the_methods_later_stages(tiny_data):
+    """The backbone's learning rate is backbone_lr x lr_scale, times later_backbone_lr_scale of the task only in a
+    stage with earlier tasks and replay; the neck and head keep lr x lr_scale everywhere."""
+    cfg = H.make_config("smoke", batch_size=4, later_backbone_lr_scale={"cls": 0.25})
+    def peak_lrs(**kw):
+        stage = H.make_stage(H.initial_model(cfg), "cls", tiny_data, cfg, lr_scale=2.0, **kw)
+        return {g["name"]: g["initial_lr"] for g in stage.optimizer.param_groups}
+    method = peak_lrs(earlier=["seg", "det"], replay=True)
+    naive, single = peak_lrs(earlier=["seg", "det"], replay=False), peak_lrs()
+    assert method["backbone"] == pytest.approx(cfg.backbone_lr * 2.0 * 0.25)
+    assert method["backbone_no_decay"] == pytest.approx(cfg.backbone_lr * 2.0 * 0.25)
+    assert naive["backbone"] == single["backbone"] == pytest.approx(cfg.backbone_lr * 2.0)
+    assert method["head"] == naive["head"] == single["head"] == pytest.approx(cfg.lr * 2.0)
+
+
 def test_imagenet_teacher_and_its_loss_term(tiny_data):
     """The teacher reads the ImageNet logits of the Imagenette classes, in their order; its KL term is
     added to the cross-entropy, scaled exactly by cls_teacher_weight, and absent at weight 0."""
