@@ -135,7 +135,10 @@ class Config:
     # weight of the stage's own task loss (not of its replay later): the last stage's task has to move
     # shared features against the replay and distillation terms of both earlier tasks
     # (quick profile, seed 0, stage 3 alone from the same stage-2 weights: top-1 0.50 at weight 1, 0.57 at 4,
-    # 0.65 at 4 with 12 epochs instead of 6)
+    # 0.65 at 4 with 12 epochs instead of 6). Detection at 3 (seed 0, stages 2 and 3 from the published stage 1;
+    # results/experiments/pipeline-task-weight-det3): stage-2 end mAP / mAP@0.5 / mIoU 0.0154 / 0.043 / 0.470 ->
+    # 0.0208 / 0.059 / 0.458, but after stage 3 0.0142 / 0.041 / 0.452 -> 0.0150 / 0.048 / 0.436: classification
+    # takes the detection gain back and segmentation pays twice, so detection stays 1
     task_weight: dict[str, float] = field(default_factory=lambda: {"seg": 1.0, "det": 1.0, "cls": 4.0})
     replay_weight: float = 1.0
     # weight of distillation from the backbone's own pretrained ImageNet classifier (its logits of the 10
