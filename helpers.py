@@ -176,8 +176,8 @@ class Config:
     # time, and detection did not gain (stage-2 end mAP / mAP@0.5 / mIoU 0.0154 / 0.0427 / 0.470 without,
     # 0.0164 / 0.0589 / 0.463 with; last-epoch train heatmap loss 1.07 / 1.13; results/experiments/stage2-start).
     # Without distillation on the detection images as well (kd_current_weight det 0) segmentation does not come
-    # back (0.0196 / 0.0516 / 0.411). Neck or head alone redrawn in naive detection: 0.0164 and 0.0180 (both
-    # parts slow detection). Off by default
+    # back (0.0196 / 0.0516 / 0.411), nor with detection's own loss weighted 3 (0.0232 / 0.0762 / 0.235). Neck or
+    # head alone redrawn in naive detection: 0.0164 and 0.0180 (both parts slow detection). Off by default
     redraw_neck_head: tuple[str, ...] = ()
     det_kd_conf: float = 0.3  # teacher heat above which its boxes are distilled
     freeze_backbone_bn: bool = True
@@ -2972,6 +2972,11 @@ def _method_extras(cfg: dict) -> list[str]:
                      "the same images. This is pretrained ImageNet knowledge, which the assignment allows; the teacher "
                      "exists only during training and is not part of the model, its parameters or its latency. The "
                      "single-task classification baseline uses the same teacher, so the comparison stays like for like.")
+    slow = {t: f for t, f in cfg.get("later_backbone_lr_scale", {}).items() if f != 1}
+    if slow:
+        lines.append(f"- **Slower backbone in later stages**: in the method's stage of each task in {slow}, the backbone "
+                     f"learns at that factor times {cfg['backbone_lr']}, so the new task moves the features the earlier "
+                     "tasks read less; the single-task baselines and the naive ablation keep the full rate.")
     wise = {t: a for t, a in cfg.get("wise_alpha", {}).items() if a < 1}
     if wise:
         lines.append(f"- **WiSE-FT (Wortsman et al., CVPR 2022)**: after a stage with earlier tasks, every weight is moved "

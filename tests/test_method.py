@@ -129,6 +129,14 @@ def test_later_backbone_lr_scale_acts_only_in_the_methods_later_stages(tiny_data
     assert method["head"] == naive["head"] == single["head"] == pytest.approx(cfg.lr * 2.0)
 
 
+def test_report_states_a_slower_backbone_only_when_used():
+    cfg = H.make_config("smoke").to_dict()
+    assert not any("Slower backbone" in line for line in H._method_extras(cfg))
+    cfg["later_backbone_lr_scale"] = {"seg": 1.0, "det": 1.0, "cls": 0.25}
+    line, = [line for line in H._method_extras(cfg) if "Slower backbone" in line]
+    assert "{'cls': 0.25}" in line and str(cfg["backbone_lr"]) in line
+
+
 def test_imagenet_teacher_and_its_loss_term(tiny_data):
     """The teacher reads the ImageNet logits of the Imagenette classes, in their order; its KL term is
     added to the cross-entropy, scaled exactly by cls_teacher_weight, and absent at weight 0."""

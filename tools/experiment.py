@@ -144,9 +144,10 @@ SECTIONS = {  # subfolder of results/experiments -> what its experiments compare
                     "live-*: naive (no replay, no distillation), the neck's and head's BatchNorm statistics live; "
                     "method-*: the method's stage 2 (replay, distillation from the stage-1 model, probe), to compare "
                     "with the published stage 2 (its val figures in results/quick-seed0/full/stage2_det/done.json); "
-                    "method-neckhead-fresh with a fresh neck and head; method-redraw-kd0 and method-kd0 "
-                    "were run by the notebook (with and without redraw_neck_head, no distillation on the detection "
-                    "images; their records are converted from the stage's done.json).",
+                    "method-neckhead-fresh with a fresh neck and head; method-redraw-kd0, method-kd0 and "
+                    "method-redraw-tw3 were run by the notebook (with and without redraw_neck_head, no distillation "
+                    "on the detection images or detection's own loss weighted 3; their records are converted from "
+                    "the stage's done.json).",
     "width192": "Capacity: neck and head 192 channels instead of 128 (quick profile, seed 0, 256 px): stage 1 "
                 "(segmentation), the method's stage 2 from it, and detection alone, to compare with the published "
                 "seed-0 run's stage 1, stage 2 and single-task detection (results/quick-seed0).",
