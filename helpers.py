@@ -162,7 +162,9 @@ class Config:
     # factor on the backbone's learning rate in a stage of the method after the first (replay and distillation of
     # earlier tasks), per task being learned; the single-task baselines and the naive ablation keep backbone_lr.
     # Below 1 the new task moves the shared features, which the earlier tasks read, less (issue 11's 'lower
-    # backbone learning rate in later stages')
+    # backbone learning rate in later stages'). Stage 3 from the published seed-0 stage-2 weights at 0.25 / 0
+    # (results/experiments/stage3 s0-bblr*): mIoU 0.452 / 0.446, mAP 0.0126 / 0.0138, top-1 0.917 / 0.900 against
+    # 0.452 / 0.0141 / 0.917 at 1: segmentation's loss in stage 3 does not come through the backbone; 1 everywhere
     later_backbone_lr_scale: dict[str, float] = field(default_factory=lambda: {"seg": 1.0, "det": 1.0, "cls": 1.0})
     # WiSE-FT after a stage with earlier tasks: weights = start + wise_alpha * (trained - start), the stage's own
     # output channels kept as trained; 1.0: no mixing. A fixed rule, never chosen on val. Stage 3 of the published
