@@ -138,7 +138,10 @@ class Config:
     # 0.65 at 4 with 12 epochs instead of 6). Detection at 3 (seed 0, stages 2 and 3 from the published stage 1;
     # results/experiments/pipeline-task-weight-det3): stage-2 end mAP / mAP@0.5 / mIoU 0.0154 / 0.043 / 0.470 ->
     # 0.0208 / 0.059 / 0.458, but after stage 3 0.0142 / 0.041 / 0.452 -> 0.0150 / 0.048 / 0.436: classification
-    # takes the detection gain back and segmentation pays twice, so detection stays 1
+    # takes the detection gain back and segmentation pays twice, so detection stays 1. With the classification probe
+    # (now default) after that stage 2 (results/experiments/stage3 s0-tw3-probe3): 0.0154 / 0.059 / 0.461 and top-1
+    # 0.917, against 0.0113 / 0.044 / 0.477 / 0.883 after the published stage 2: detection keeps more, segmentation
+    # falls 7.6 % under its baseline (4.5 % now); one seed, not adopted yet
     task_weight: dict[str, float] = field(default_factory=lambda: {"seg": 1.0, "det": 1.0, "cls": 4.0})
     replay_weight: float = 1.0
     # weight of distillation from the backbone's own pretrained ImageNet classifier (its logits of the 10

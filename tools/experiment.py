@@ -137,7 +137,8 @@ SECTIONS = {  # subfolder of results/experiments -> what its experiments compare
               "published runs' stage-2 weights of that seed (s1-method reproduces the published seed-1 stage 3 of "
               "its day: the same losses epoch by epoch; its final row differs in the fourth decimal because final.pt "
               "is scored in fp16), except s0-replay8-*: from the stage-2 weights of the whole-pipeline run "
-              "pipeline-replay8 (8 replay images per earlier task in stages 2 and 3). s0-wise*, s1-wise*: no training, the "
+              "pipeline-replay8 (8 replay images per earlier task in stages 2 and 3), and s0-tw3-*: from those of "
+              "pipeline-task-weight-det3 (detection's own loss weighted 3 in stage 2). s0-wise*, s1-wise*: no training, the "
               "published run's stage-3 weights moved back towards its stage-2 weights by WiSE-FT (helpers.wise_mix, "
               "classification's output channels kept) and scored.",
     "stage2-start": "Why detection as stage 2 learns slower than detection alone: detection from the published seed-0 "
