@@ -2989,8 +2989,9 @@ def _method_extras(cfg: dict) -> list[str]:
     slow = {t: f for t, f in cfg.get("later_backbone_lr_scale", {}).items() if f != 1}
     if slow:
         lines.append(f"- **Slower backbone in later stages**: in the method's stage of each task in {slow}, the backbone "
-                     f"learns at that factor times {cfg['backbone_lr']}, so the new task moves the features the earlier "
-                     "tasks read less; the single-task baselines and the naive ablation keep the full rate.")
+                     f"learns at that factor times its usual rate ({cfg['backbone_lr']} x the task's lr scale), so the new "
+                     "task moves the features the earlier tasks read less; the single-task baselines and the naive "
+                     "ablation keep the full rate.")
     wise = {t: a for t, a in cfg.get("wise_alpha", {}).items() if a < 1}
     if wise:
         lines.append(f"- **WiSE-FT (Wortsman et al., CVPR 2022)**: after a stage with earlier tasks, every weight is moved "
