@@ -2102,10 +2102,17 @@ class Stage:
     start: dict[str, torch.Tensor]  # the weights the stage started from (WiSE-FT mixes back towards them)
 
 
+def is_methods_later_stage(earlier: Sequence[str], replay: bool) -> bool:
+    """A stage of the method after the first: earlier tasks to keep, with replay (and distillation) to keep them.
+    The probe, a redrawn neck and head and later_backbone_lr_scale act only there, never in naive fine-tuning
+    or a single-task baseline."""
+    return bool(earlier) and replay
+
+
 def redraws_neck_head(cfg: Config, task: str, earlier: Sequence[str], replay: bool) -> bool:
     """Whether this stage starts from a fresh neck and head: only the method's later stages (with replay and
     distillation to bring the earlier tasks back) of the tasks in cfg.redraw_neck_head."""
-    return bool(earlier) and replay and task in cfg.redraw_neck_head
+    return is_methods_later_stage(earlier, replay) and task in cfg.redraw_neck_head
 
 
 def reset_to_initial(model: UniHeadNet, cfg: Config, parts: Sequence[str] = ("neck", "head")) -> None:
@@ -2133,8 +2140,9 @@ def make_stage(model: UniHeadNet, task: str, data: dict, cfg: Config, *, earlier
     epochs = int(cfg.epochs[task])
     generator = torch.Generator().manual_seed(seed)
     loader = make_loader(data[task]["train"], cfg, train=True, generator=generator)
-    sampler = ReplaySampler({t: data[t]["train"] for t in earlier}, earlier, cfg, seed + 1) if replay and earlier else None
-    backbone_scale = cfg.later_backbone_lr_scale.get(task, 1.0) if replay and earlier else 1.0
+    later = is_methods_later_stage(earlier, replay)
+    sampler = ReplaySampler({t: data[t]["train"] for t in earlier}, earlier, cfg, seed + 1) if later else None
+    backbone_scale = cfg.later_backbone_lr_scale[task] if later else 1.0
     optimizer = torch.optim.AdamW(_param_groups(model, cfg, lr_scale, backbone_scale))
     steps = max(1, epochs * len(loader))
     # at least 10 warm-up steps: a fresh AdamW moves every weight by about lr in its first steps, whatever
@@ -2335,7 +2343,7 @@ def train_stage(model: UniHeadNet, task: str, data: dict, cfg: Config, stage_dir
     probe = []
     # the probe protects features that earlier tasks trained: it belongs to the method's later stages only
     # (naive fine-tuning and the single-task baselines, whose neck and head start untrained, run without it)
-    if start_epoch == 0 and earlier and replay and cfg.probe_epochs.get(task, 0) > 0:
+    if start_epoch == 0 and is_methods_later_stage(earlier, replay) and cfg.probe_epochs.get(task, 0) > 0:
         t0 = time.time()
         probe = probe_own_outputs(stage, cfg.probe_epochs[task])
         seconds += time.time() - t0
