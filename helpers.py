@@ -193,6 +193,15 @@ class Config:
     # back (0.0196 / 0.0516 / 0.411), nor with detection's own loss weighted 3 (0.0232 / 0.0762 / 0.235). Neck or
     # head alone redrawn in naive detection: 0.0164 and 0.0180 (both parts slow detection). Off by default
     redraw_neck_head: tuple[str, ...] = ()
+    # channels added to the neck and the head at the start of the method's stage of a task (after the first),
+    # per task; 0: none. The new channels are drawn fresh and wired in with zero weights wherever they would
+    # feed an existing channel or an output, so at the stage's start every output is exactly what it was: the
+    # new task gets fresh capacity (a neck and head trained for segmentation learn detection slower than fresh
+    # ones: see redraw_neck_head) while the earlier tasks keep the channels they were fitted on, and distillation
+    # and replay keep them there. The stage's neck and head BatchNorm statistics stay live (the new channels have
+    # none yet). Each layer stays one conv emitting all outputs (the assignment's single branch); the model's
+    # width grows (final.pt records it). BatchNorm only (GroupNorm's groups would regroup the old channels)
+    grow_neck_head: dict[str, int] = field(default_factory=lambda: {"seg": 0, "det": 0, "cls": 0})
     det_kd_conf: float = 0.3  # teacher heat above which its boxes are distilled
     freeze_backbone_bn: bool = True
     # norm "bn": in every stage after the first, the neck's and head's BatchNorm statistics stay as the first
@@ -1334,6 +1343,11 @@ class UniHeadNet(nn.Module):
         self.num_det_classes, self.box_scale, self.stride = num_det_classes, box_scale, OUTPUT_STRIDE
         self.freeze_neck_head_bn = False  # set by later stages: BatchNorm statistics of neck and head stay put
 
+    @property
+    def width(self) -> int:
+        """Channels of the neck and head (grown stages widen them: see `grow_neck_head`)."""
+        return self.neck.fuse[0].out_channels
+
     def train(self, mode: bool = True):
         super().train(mode)
         if self.freeze_neck_head_bn:
@@ -1356,9 +1370,10 @@ def split_head_output(raw: torch.Tensor, layout: dict[str, tuple[int, int]], box
     return out
 
 
-def build_model(cfg: Config, backbone_weights: str | None = None) -> UniHeadNet:
+def build_model(cfg: Config, backbone_weights: str | None = None, width: int | None = None) -> UniHeadNet:
+    """The model a config describes; `width` (neck and head channels) for one whose stages grew it."""
     return UniHeadNet(cfg.backbone, cfg.backbone_weights if backbone_weights is None else backbone_weights,
-                      neck_channels=cfg.neck_channels, head_channels=cfg.head_channels,
+                      neck_channels=width or cfg.neck_channels, head_channels=width or cfg.head_channels,
                       num_det_classes=cfg.num_det_classes, freeze_backbone_bn=cfg.freeze_backbone_bn, norm=cfg.norm,
                       drop_connect_rate=cfg.drop_connect_rate, box_scale=cfg.box_scale)
 
@@ -1884,7 +1899,7 @@ def data_classes(data: dict) -> dict[str, list[str]]:
 def save_checkpoint(path: str | Path, model: nn.Module, cfg: Config, classes: dict[str, list[str]], *,
                     fp16: bool = False, **state) -> Path:
     """The one checkpoint format: {format, model (state dict on the CPU; fp16 floats when `fp16`), config,
-    classes, **state}, written atomically (a disconnect mid-write never leaves a broken file). A stage's
+    classes, width (of the neck and head), **state}, written atomically (a disconnect mid-write never leaves a broken file). A stage's
     weights.pt, a resumable last.pt (state: optimizer, scheduler, epoch, ...) and the final model's final.pt
     (state: metrics) all use it, so each one can be evaluated on its own."""
     path = Path(path)
@@ -1893,7 +1908,9 @@ def save_checkpoint(path: str | Path, model: nn.Module, cfg: Config, classes: di
     weights = state_on_cpu(model)
     if fp16:
         weights = {k: v.half() if v.dtype.is_floating_point else v for k, v in weights.items()}
-    torch.save({"format": CHECKPOINT_FORMAT, "model": weights, "config": cfg.to_dict(), "classes": classes, **state}, tmp)
+    width = {"width": model.width} if isinstance(model, UniHeadNet) else {}
+    torch.save({"format": CHECKPOINT_FORMAT, "model": weights, "config": cfg.to_dict(), "classes": classes, **width,
+                **state}, tmp)
     os.replace(tmp, path)
     return path
 
@@ -1925,7 +1942,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     lists inside say how; no backbone weights are downloaded. Raises ValueError for a file that is not one."""
     payload = read_checkpoint(path)
     cfg = config_from_checkpoint(payload)
-    model = build_model(cfg, backbone_weights="none")
+    model = build_model(cfg, backbone_weights="none", width=payload.get("width"))  # as stored (grown or not)
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as exc:
@@ -2128,6 +2145,41 @@ def reset_to_initial(model: UniHeadNet, cfg: Config, parts: Sequence[str] = ("ne
         getattr(model, name).load_state_dict(getattr(fresh, name).state_dict())
 
 
+def grows_neck_head(cfg: Config, task: str, earlier: Sequence[str], replay: bool) -> bool:
+    """Whether this stage starts by adding channels to the neck and head (see cfg.grow_neck_head): only the
+    method's later stages."""
+    return is_methods_later_stage(earlier, replay) and cfg.grow_neck_head.get(task, 0) > 0
+
+
+@torch.no_grad()
+def grow_neck_head(model: UniHeadNet, extra: int, *, seed: int = 0) -> None:
+    """Widen the neck and head by `extra` channels in place, without changing any output: every old weight is
+    kept where it was; the new channels are drawn fresh (seeded), and the weights by which they would reach an
+    old channel or the head's outputs start at 0. Training then lets the new channels in."""
+    if not isinstance(model.neck.fuse[1], nn.BatchNorm2d):
+        raise ValueError("grow_neck_head needs norm 'bn': GroupNorm's groups would regroup the existing channels")
+    device = next(model.parameters()).device
+    channels_last = model.neck.fuse[0].weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        neck = FPNNeck(model.backbone.channels, model.width + extra)
+        head = UniHead(model.width + extra, model.num_det_classes)
+    for new, old in ((neck, model.neck), (head, model.head)):
+        old_state = old.state_dict()
+        for key, value in new.state_dict().items():
+            kept = old_state[key]
+            if value.ndim == 0:  # BatchNorm's batch counter
+                value.copy_(kept)
+                continue
+            value[tuple(slice(0, n) for n in kept.shape)] = kept
+            if value.ndim == 4 and value.shape[1] > kept.shape[1]:  # new inputs into old channels or outputs: 0
+                value[:kept.shape[0], kept.shape[1]:] = 0
+    neck, head = neck.to(device), head.to(device)
+    if channels_last:
+        neck, head = neck.to(memory_format=torch.channels_last), head.to(memory_format=torch.channels_last)
+    model.neck, model.head = neck.train(model.training), head.train(model.training)
+
+
 def make_stage(model: UniHeadNet, task: str, data: dict, cfg: Config, *, earlier: Sequence[str] = (),
                teacher: UniHeadNet | None = None, replay: bool = False, lr_scale: float = 1.0,
                device: torch.device | None = None, seed: int = 0) -> Stage:
@@ -2135,7 +2187,8 @@ def make_stage(model: UniHeadNet, task: str, data: dict, cfg: Config, *, earlier
     Seeded, so a stage's augmentations and replay draws do not depend on what ran before it."""
     device = device or next(model.parameters()).device
     model.freeze_neck_head_bn = (bool(earlier) and cfg.freeze_head_bn_after_first
-                                 and not redraws_neck_head(cfg, task, earlier, replay))
+                                 and not redraws_neck_head(cfg, task, earlier, replay)
+                                 and not grows_neck_head(cfg, task, earlier, replay))
     seed_everything(seed)
     epochs = int(cfg.epochs[task])
     generator = torch.Generator().manual_seed(seed)
@@ -2388,6 +2441,9 @@ def run_stage_cached(model: UniHeadNet, task: str, data: dict, cfg: Config, stag
     when round_fp16, as a fp16 checkpoint will hold them) evaluate `eval_tasks` on val, every metric, per class
     too. A finished stage is loaded from its weights, so re-running a pipeline skips it."""
     done, weights = stage_dir / "done.json", stage_dir / "weights.pt"
+    if grows_neck_head(cfg, task, train_kw.get("earlier", ()), train_kw.get("replay", False)):
+        # before anything loads: a finished or resumed stage's weights have the grown shape
+        grow_neck_head(model, cfg.grow_neck_head[task], seed=train_kw.get("seed", 0))
     if done.is_file() and weights.is_file():
         load_weights(model, weights)
         print(f"[{train_kw.get('label', task)}] finished earlier: loaded {weights}")
@@ -2995,6 +3051,15 @@ def _method_extras(cfg: dict) -> list[str]:
                      "exists only during training and is not part of the model, its parameters or its latency. The "
                      "single-task classification baseline uses the same teacher, so the comparison stays like for like.")
     slow = {t: f for t, f in cfg.get("later_backbone_lr_scale", {}).items() if f != 1}
+    grow = {t: n for t, n in cfg.get("grow_neck_head", {}).items() if n}
+    if grow:
+        lines.append(f"- **Fresh channels for a new task**: the method's stage of each task in {grow} starts by adding "
+                     "that many channels to the neck and to the head (the final model's width is in the architecture "
+                     "table), drawn fresh and wired in with zero weights wherever they would reach an existing channel "
+                     "or an output, so every output is unchanged at the stage's start; the new task gets capacity that "
+                     "segmentation has not shaped, and the earlier tasks keep their channels through distillation and "
+                     "replay. Each layer stays one conv emitting all outputs (a single branch). The single-task "
+                     "baselines and the naive ablation keep the starting width.")
     if slow:
         lines.append(f"- **Slower backbone in later stages**: in the method's stage of each task in {slow}, the backbone "
                      f"learns at that factor times its usual rate ({cfg['backbone_lr']} x the task's lr scale), so the new "

@@ -290,3 +290,63 @@ def test_redrawn_stage_starts_from_the_initial_neck_and_head_and_keeps_the_backb
         lateral = model.neck.laterals[0].weight
         gap = (lateral - initial["neck.laterals.0.weight"]).abs().max().item()
         assert (gap < 0.1) if replay else (gap > 0.2), gap  # one epoch at lr 3e-3 moves a weight far less than 0.25
+
+
+def test_grown_neck_and_head_keep_every_output_and_train_the_new_channels(tiny_data, tmp_path):
+    """grow_neck_head: 48 -> 64 channels; every output of the grown model equals the old one's (the new channels
+    reach no existing channel or output yet), every old weight sits where it was, and one training step sends
+    gradient into the new channels' weights into the outputs (so they can join). A checkpoint records the width:
+    load_checkpoint rebuilds the grown model with the same outputs."""
+    cfg = H.make_config("smoke", batch_size=4, grow_neck_head={"det": 16})
+    model = H.initial_model(cfg).eval()
+    image = torch.randn(2, 3, 96, 96).contiguous(memory_format=torch.channels_last)
+    before = model(image)["raw"]
+    old = {k: v.clone() for k, v in model.state_dict().items()}
+    H.grow_neck_head(model, 16, seed=1)
+    assert model.width == 64 and model.head.layers[-1].in_channels == 64
+    after = model(image)["raw"]
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+    for key, value in old.items():
+        grown = model.state_dict()[key]
+        assert torch.equal(grown[tuple(slice(0, n) for n in value.shape)] if value.ndim else grown, value), key
+    assert (model.head.layers[-1].weight[:, 48:] == 0).all() and (model.head.layers[0][0].weight[:48, 48:] == 0).all()
+    assert model.head.layers[0][0].weight[48:].abs().sum() > 0  # the new channels are drawn, not zero
+    # the stage: grows only in the method's later stage of a listed task, with live BatchNorm statistics
+    assert H.grows_neck_head(cfg, "det", ["seg"], replay=True)
+    assert not H.grows_neck_head(cfg, "det", ["seg"], replay=False)
+    assert not H.grows_neck_head(cfg, "cls", ["seg", "det"], replay=True)
+    stage = H.make_stage(model, "det", tiny_data, cfg, earlier=["seg"], teacher=H.freeze_teacher(model), replay=True)
+    assert not stage.model.freeze_neck_head_bn
+    batch = H.batch_to_device(next(iter(stage.loader)), torch.device("cpu"), cfg.channels_last)
+    model.train()
+    terms = H.training_step_loss(model, "det", batch, cfg)
+    sum(terms.values()).backward()
+    assert model.head.layers[-1].weight.grad[:, 48:].abs().sum() > 0
+    # checkpoint round trip at the grown width
+    path = H.save_checkpoint(tmp_path / "grown.pt", model, cfg, H.data_classes(tiny_data))
+    loaded, _, payload = H.load_checkpoint(path)
+    assert payload["width"] == 64 and loaded.width == 64
+    torch.testing.assert_close(loaded(image)["raw"], model.eval()(image)["raw"])
+
+
+def test_grow_neck_head_refuses_groupnorm():
+    model = H.build_model(H.make_config("smoke", norm="gn"), backbone_weights="none")
+    with pytest.raises(ValueError, match="norm 'bn'"):
+        H.grow_neck_head(model, 8)
+
+
+def test_a_sequence_that_grows_resumes_and_writes_a_loadable_final_model(tiny_data, tmp_path):
+    """grow_neck_head {"det": 16} through run_sequence: the method's model ends 64 wide, the naive one 48; a
+    second call loads every finished stage (the grown stage's weights into a grown model) and gives the same
+    final row; final.pt rebuilds at the grown width with the same outputs."""
+    cfg = H.make_config("smoke", out_dir=str(tmp_path), batch_size=4, epochs={"seg": 1, "det": 1, "cls": 1},
+                        probe_epochs={"det": 1, "cls": 0}, grow_neck_head={"det": 16}, final_fp16=False)
+    first = H.run_sequence(cfg, tiny_data)
+    assert first["model"].width == 64
+    assert H.run_sequence(cfg, tiny_data, "naive")["model"].width == 48
+    again = H.run_sequence(cfg, tiny_data)
+    assert again["final"] == first["final"] and again["model"].width == 64
+    loaded, _, payload = H.load_checkpoint(tmp_path / "final.pt")
+    image = torch.randn(1, 3, 96, 96).contiguous(memory_format=torch.channels_last)
+    assert payload["width"] == 64
+    torch.testing.assert_close(loaded(image)["raw"], again["model"].eval()(image)["raw"])
