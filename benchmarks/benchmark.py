@@ -3,7 +3,8 @@
     python benchmarks/benchmark.py                       # CPU or GPU, whichever is here
     python benchmarks/benchmark.py --runs 200 --run-dir runs/full   # also take the pipeline's wall time
 
-Measures: parameters per part; inference latency for one 512x512 image (fp32, and AMP on CUDA), the median
+Measures, on the model as the method's last stage leaves it (neck and head at their grown width):
+parameters per part; inference latency for one 512x512 image (fp32, and AMP on CUDA), the median
 of --runs synchronised runs after warm-up; throughput at --batch; training images/s of each stage's step
 (the stage's task plus replay and distillation of the earlier ones, as in training); and, with --run-dir,
 the training time a finished run recorded. Output: benchmarks/results/<device-slug>.json and the table in
@@ -36,6 +37,8 @@ def training_throughput(cfg: H.Config, data: dict, steps: int, device: torch.dev
     out = {}
     for k, task in enumerate(cfg.order):
         earlier = list(cfg.order[:k])
+        if H.grows_neck_head(cfg, task, earlier, replay=bool(earlier)):  # as the pipeline widens it
+            H.grow_neck_head(model, cfg.grow_neck_head[task], seed=cfg.seed)
         stage = H.make_stage(model, task, data, cfg, earlier=earlier, teacher=teacher if earlier else None,
                              replay=bool(earlier), device=device)
         batches = (batch for _ in iter(int, 1) for batch in stage.loader)  # the loader, epoch after epoch
@@ -97,6 +100,7 @@ def main(argv=None) -> dict:
     cfg = H.make_config(args.profile, **overrides)
     device = H.pick_device(cfg)
     model = H.initial_model(cfg, device)
+    H.grow_neck_head(model, H.final_width(cfg) - model.width)  # the size of the final model (see grow_neck_head)
     latency = [H.measure_latency(model, 512, 1, device, amp=False, runs=args.runs, warmup=args.warmup)]
     if device.type == "cuda":
         latency.append(H.measure_latency(model, 512, 1, device, amp=True, runs=args.runs, warmup=args.warmup))

@@ -303,7 +303,9 @@ def test_grown_neck_and_head_keep_every_output_and_train_the_new_channels(tiny_d
     before = model(image)["raw"]
     old = {k: v.clone() for k, v in model.state_dict().items()}
     H.grow_neck_head(model, 16, seed=1)
-    assert model.width == 64 and model.head.layers[-1].in_channels == 64
+    assert model.width == 64 == H.final_width(cfg) and model.head.layers[-1].in_channels == 64
+    H.grow_neck_head(model, 0)  # nothing to add: the same modules
+    assert model.width == 64
     after = model(image)["raw"]
     torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
     for key, value in old.items():

@@ -453,3 +453,23 @@ def test_report_gives_the_val_box_count_of_each_rare_detection_class(smoke_run, 
     assert f"(under 10: {names[0]} 1)" in line
     assert all(f"{name} 40" not in line for name in names[1:])
     assert f"by up to {1 / smoke_run['cfg'].num_det_classes:.2f}" in line
+
+
+def test_rule_bootstrap_rescores_the_runs_baselines_and_final_model(smoke_run, tmp_path):
+    """tools/rule_bootstrap.py from the run's folder: its per-image scoring of each task's single-task baseline and
+    of final.pt, over all val images, gives the figures the pipeline wrote in metrics.json; every draw is scored."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("rule_bootstrap", ROOT / "tools" / "rule_bootstrap.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out, results = smoke_run["out"], smoke_run["results"]
+    summary = tool.bootstrap_rule(out, "unused: the smoke run's data is synthetic", resamples=10)
+    assert json.loads((out / "rule_bootstrap.json").read_text())["tasks"].keys() == set(H.TASKS)
+    for task, r in summary["tasks"].items():
+        metric = H.TASK_METRIC[task]
+        assert r["baseline"] == pytest.approx(results["single_task"][task]["value"], abs=1e-6), task
+        assert r["final"] == pytest.approx(results["final"][metric], abs=1e-6), task
+        assert r["valid_resamples"] <= 10 and r["drop_rel_pct_p05"] <= r["drop_rel_pct_p95"]
+    report = H.write_report(out, tmp_path / "report.md").read_text()  # the report states it when the run has it
+    assert "paired bootstrap over the val images (`tools/rule_bootstrap.py`, 10 draws" in report
+    assert f"| {H.TASK_METRIC['cls']} | {len(smoke_run['data']['cls']['val'])} |" in report

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,3 +76,34 @@ def test_readme_lists_stage_tables_and_whole_pipeline_runs(tmp_path):
     assert "## stage2" in text and "| s2-x | lr=0.002 | 3 | 0.0123 |" in text and "0.4567" in text
     assert "- [pipeline-y](pipeline-y/README.md): The pipeline with y changed" in text
     assert "empty" not in text
+
+
+def load_bootstrap_tool():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("rule_bootstrap", ROOT / "tools" / "rule_bootstrap.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bootstrap_draws_score_repeated_images_as_new_ones(tmp_path):
+    """Known answers for one draw: detection with a perfect result for the first val image only scores below 1
+    over all images and exactly 1 over a draw of that image repeated (each copy a new image id); a repeated
+    confusion matrix keeps its IoU; top-1 counts a repeated image each time."""
+    import torch
+    import helpers as H
+    tool = load_bootstrap_tool()
+    val = H.load_all(H.make_synthetic_dataset(tmp_path, n_train=2, n_val=4), ["det"], ["val"], verbose=False)["det"]["val"]
+    first = val.samples[0]["image_id"]
+    perfect = [{"image_id": first, "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+               for a in val.coco_gt["annotations"] if a["image_id"] == first]
+    assert perfect
+    parts = [perfect] + [[] for _ in val.samples[1:]]
+    n = len(val.samples)
+    assert tool.score_draw("det", val, parts, np.arange(n)) < 1.0
+    assert tool.score_draw("det", val, parts, np.zeros(n, dtype=int)) == pytest.approx(1.0)
+    cm = torch.zeros(21, 21, dtype=torch.int64)
+    cm[0, 0], cm[1, 1], cm[1, 0] = 6, 3, 1  # IoU 6/7 and 3/4
+    seg = H.TaskData("seg", "val", [], H.VOC_CLASSES, "voc")
+    assert tool.score_draw("seg", seg, [cm, cm * 0], np.array([0, 0])) == pytest.approx((6 / 7 + 3 / 4) / 2)
+    assert tool.score_draw("cls", seg, [1, 0, 1], np.array([0, 1, 1])) == pytest.approx(1 / 3)

@@ -123,9 +123,11 @@ code(r"""
 H.show_figure(H.plot_samples({t: data[t] for t in cfg.order}))
 """)
 
-md("## 4. Model\nParameters per part, the head's layers, the assignment's constraints as asserts, and the latency here.")
+md("## 4. Model\nParameters per part, the head's layers, the assignment's constraints as asserts, and the latency here, "
+   "at the width the final model will have (the detection stage adds fresh channels to the neck and head: `grow_neck_head`).")
 code(r"""
 model = H.initial_model(cfg, device)
+H.grow_neck_head(model, H.final_width(cfg) - model.width)  # as wide as the final model will be (grow_neck_head)
 params = H.count_parameters(model)
 display(pd.DataFrame.from_dict(params, orient="index", columns=["parameters"]))
 print("\n".join(H.describe_head(model)))
@@ -182,6 +184,8 @@ H.show_figure(H.plot_per_class(final), fmt="png")
 """)
 code(r"""
 final_model, _, _ = H.load_checkpoint(f"{cfg.out_dir}/final.pt", device)
+# the final model, as stored (wider than section 4's when grow_neck_head added channels), within the limit too
+assert H.count_parameters(final_model)["total"] < 8_000_000, "the assignment allows fewer than 8M parameters"
 H.show_figure(H.plot_predictions(final_model, {t: data[t] for t in cfg.order}, cfg))
 """)
 

@@ -65,9 +65,14 @@ def run(args: argparse.Namespace) -> dict:
     earlier = [t for t in args.earlier.split(",") if t]
     teacher, replay = None, bool(earlier) and not args.naive  # naive: earlier tasks are only scored
     if args.init:
+        width = H.read_checkpoint(args.init).get("width", model.width)
+        if width != model.width:  # an earlier stage grew the neck and head: the same start, grown alike
+            H.grow_neck_head(model, width - model.width)
         H.load_weights(model, args.init)
         teacher = H.freeze_teacher(model) if replay else None  # the earlier stage's model, before any reset
         H.reset_to_initial(model, cfg, [p for p in args.reset.split(",") if p])
+    if H.grows_neck_head(cfg, args.task, earlier, replay):  # as run_stage_cached does in the pipeline
+        H.grow_neck_head(model, cfg.grow_neck_head[args.task], seed=cfg.seed + args.seed_offset)
     stage_dir = Path(cfg.out_dir)
     for stale in ("last.pt", "log.csv"):
         (stage_dir / stale).unlink(missing_ok=True)
@@ -134,19 +139,22 @@ SECTIONS = {  # subfolder of results/experiments -> what its experiments compare
               "seg.miou is the earlier task kept.",
     "stage3": "Classification as stage 3 (from the same stage-2 weights): the method's levers; seg.miou and det.map "
               "are the earlier tasks kept. s3-*: from an earlier stage-2 model of seed 0; s0-*, s1-*: from the "
-              "published runs' stage-2 weights of that seed (s1-method reproduces the published seed-1 stage 3 of "
+              "stage-2 weights of that seed published before grow_neck_head (method-default-before-grow in stage2-start; s1-method reproduces the published seed-1 stage 3 of "
               "its day: the same losses epoch by epoch; its final row differs in the fourth decimal because final.pt "
               "is scored in fp16), except s0-replay8-*: from the stage-2 weights of the whole-pipeline run "
               "pipeline-replay8 (8 replay images per earlier task in stages 2 and 3), and s0-tw3-*: from those of "
               "pipeline-task-weight-det3 (detection's own loss weighted 3 in stage 2). s0-wise*, s1-wise*: no training, the "
-              "published run's stage-3 weights moved back towards its stage-2 weights by WiSE-FT (helpers.wise_mix, "
+              "stage-3 weights published then moved back towards their stage-2 weights by WiSE-FT (helpers.wise_mix, "
               "classification's output channels kept) and scored.",
     "stage2-start": "Why detection as stage 2 learns slower than detection alone: detection from the published seed-0 "
                     "stage-1 weights (256 px, 20 epochs) with parts of them put back to the initial state (the "
                     "ImageNet backbone; the neck and head drawn with the seed; all three reset is detection alone). "
                     "live-*: naive (no replay, no distillation), the neck's and head's BatchNorm statistics live; "
                     "method-*: the method's stage 2 (replay, distillation from the stage-1 model, probe), to compare "
-                    "with the published stage 2 (its val figures in results/quick-seed0/full/stage2_det/done.json); "
+                    "with the method's stage 2 as it was published before grow_neck_head (method-default-before-grow, "
+                    "seed 0, and -seed1, from the seed-1 stage-1 weights); method-grow64 (and -seed1): detection's "
+                    "stage adds 64 fresh channels to the neck and head (the default since; the published runs' "
+                    "stage 2); "
                     "method-neckhead-fresh with a fresh neck and head; method-redraw-kd0, method-kd0 and "
                     "method-redraw-tw3 were run by the notebook (with and without redraw_neck_head, no distillation "
                     "on the detection images or detection's own loss weighted 3; their records are converted from "
