@@ -201,7 +201,7 @@ def test_teacher_never_changes_and_frozen_bn_statistics_do_not_move(smoke_run, t
     assert bn_before and not moved
     # and across the real pipeline: the backbone's BatchNorm buffers are identical after every stage (the last
     # stage's weights as the fp16 final model stores them), and those of neck and head after every stage but
-    # the first, which trained them
+    # the first, which trained them, and one that added channels (grow_neck_head: live statistics there)
     stages = [torch.load(H.stage_dir(cfg, "full", k) / "weights.pt", weights_only=False)["model"] for k in range(3)]
     init = H.initial_model(cfg).state_dict()
     as_stored = lambda k, v: v.half().float() if k == 2 and cfg.final_fp16 else v  # noqa: E731
@@ -209,9 +209,13 @@ def test_teacher_never_changes_and_frozen_bn_statistics_do_not_move(smoke_run, t
         assert all(torch.equal(as_stored(k, init[key]), s[key]) for k, s in enumerate(stages)), key
     head_stats = [k for k in init if k.startswith(("neck.", "head.")) and "running" in k]
     assert head_stats and cfg.norm == "bn"
+    grown = [k for k in (1, 2) if H.grows_neck_head(cfg, cfg.order[k], cfg.order[:k], replay=True)]
+    assert grown == [1]  # the smoke profile grows the detection stage
     for key in head_stats:
         assert not torch.equal(init[key], stages[0][key]), key  # stage 1 trained them
-        assert torch.equal(stages[0][key], stages[1][key]) and torch.equal(as_stored(2, stages[0][key]), stages[2][key])
+        for k in (1, 2):
+            kept = stages[k][key][tuple(slice(0, n) for n in stages[k - 1][key].shape)]  # the channels it started with
+            assert torch.equal(as_stored(k, stages[k - 1][key]), kept) != (k in grown), (key, k)
     # while the weights did train
     assert not torch.equal(init["head.layers.2.weight"], stages[2]["head.layers.2.weight"])
 
