@@ -3072,16 +3072,16 @@ def _method_extras(cfg: dict) -> list[str]:
                      "the same images. This is pretrained ImageNet knowledge, which the assignment allows; the teacher "
                      "exists only during training and is not part of the model, its parameters or its latency. The "
                      "single-task classification baseline uses the same teacher, so the comparison stays like for like.")
-    slow = {t: f for t, f in cfg.get("later_backbone_lr_scale", {}).items() if f != 1}
     grow = {t: n for t, n in cfg.get("grow_neck_head", {}).items() if n}
     if grow:
         lines.append(f"- **Fresh channels for a new task**: the method's stage of each task in {grow} starts by adding "
                      "that many channels to the neck and to the head (the final model's width is in the architecture "
                      "table), drawn fresh and wired in with zero weights wherever they would reach an existing channel "
                      "or an output, so every output is unchanged at the stage's start; the new task gets capacity that "
-                     "segmentation has not shaped, and the earlier tasks keep their channels through distillation and "
+                     "the earlier tasks have not shaped, and they keep their channels through distillation and "
                      "replay. Each layer stays one conv emitting all outputs (a single branch). The single-task "
                      "baselines and the naive ablation keep the starting width.")
+    slow = {t: f for t, f in cfg.get("later_backbone_lr_scale", {}).items() if f != 1}
     if slow:
         lines.append(f"- **Slower backbone in later stages**: in the method's stage of each task in {slow}, the backbone "
                      f"learns at that factor times its usual rate ({cfg['backbone_lr']} x the task's lr scale), so the new "
