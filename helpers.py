@@ -3003,6 +3003,11 @@ def _report_architecture(ctx: dict) -> list[str]:
     cfg, res, meta = ctx["cfg"], ctx["res"], ctx["meta"]
     p, norm = res["parameters"], {"gn": "GroupNorm", "bn": "BatchNorm"}[cfg.get("norm", "bn")]
     frozen = "statistics frozen" if cfg.get("freeze_backbone_bn", True) else "statistics trained"
+    head_stats = "**"
+    if norm == "BatchNorm" and cfg.get("freeze_head_bn_after_first", True):
+        head_stats = ", its statistics frozen after stage 1**" + (
+            " (live in a stage that adds channels, whose new ones have none yet)"
+            if any(cfg.get("grow_neck_head", {}).values()) else "")
     lines = ["## Architecture", "", "| part | what | parameters |", "| --- | --- | ---: |",
              f"| backbone | {meta['backbone']} (ImageNet weights), BatchNorm {frozen}; features at strides 8, 16, 32 | {p['backbone']:,} |",
              f"| neck | one FPN layer: 1x1 laterals, top-down sums, one 3x3 conv + {norm} + ReLU at stride 8 | {p['neck']:,} |",
@@ -3022,10 +3027,7 @@ def _report_architecture(ctx: dict) -> list[str]:
                     "- **Anchor-free dense detection** (TTFNet-style Gaussian heatmaps, penalty-reduced focal loss, "
                     "GIoU on distances): every cell near an object is a training sample, which is what 240 images "
                     "need; grid-cell YOLOv1-style heads score near 0 mAP in published attempts.",
-                    f"- **Backbone BatchNorm {frozen}, {norm} in neck and head"
-                    + ((", its statistics frozen after stage 1**"
-                        + (" (live in a stage that adds channels, whose new ones have none yet)" if any(cfg.get("grow_neck_head", {}).values()) else ""))
-                       if norm == "BatchNorm" and cfg.get("freeze_head_bn_after_first", True) else "**")
+                    f"- **Backbone BatchNorm {frozen}, {norm} in neck and head{head_stats}"
                     + ": a stage that trains on Imagenette alone would otherwise re-estimate BatchNorm statistics on "
                     "those images and shift every feature that segmentation and detection were fitted to, with no "
                     "weight changing (BatchNorm drift in continual learning: Pham et al., *Continual Normalization*, "
