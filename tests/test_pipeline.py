@@ -150,7 +150,8 @@ def test_loss_weights_scale_exactly_the_terms_they_name(synthetic_root):
     def terms(**kw):
         cfg = H.Config(**{**base.to_dict(), **kw})
         with torch.no_grad():
-            terms = H.training_step_loss(model, "cls", batch, cfg, replay=replay, earlier=["seg", "det"], teacher=teacher)
+            terms = H.training_step_loss(model, "cls", batch, cfg, replay=replay, earlier=["seg", "det"], teacher=teacher,
+                                         task_weight=H.own_loss_weight(cfg, "cls", ["seg", "det"], True))
             return {k: float(v) for k, v in terms.items()}
     plain = terms(task_weight={"seg": 1.0, "det": 1.0, "cls": 1.0}, kd_current_weight={"seg": 1.0, "det": 1.0, "cls": 1.0})
     # the factor of the stage being trained (cls) applies; another stage's (det 0) does not
@@ -173,6 +174,22 @@ def test_loss_weights_scale_exactly_the_terms_they_name(synthetic_root):
         {k: v for k, v in plain.items() if k.startswith("replay_")}, rel=1e-6)
     assert with_kd == [base.cls_image_size, base.image_size, base.image_size]
     assert sides == [base.image_size, base.image_size]  # the two replay batches only
+
+
+def test_task_weight_acts_only_in_the_methods_later_stages(synthetic_root):
+    """A single-task baseline, the first stage and naive fine-tuning have no replay or distillation term to weigh
+    their loss against: they train at 1 whatever task_weight says, so tuning the method never moves a baseline."""
+    cfg = H.make_config("smoke", task_weight={"seg": 2.0, "det": 3.0, "cls": 4.0})
+    assert H.own_loss_weight(cfg, "det", [], False) == 1.0  # single-task baseline
+    assert H.own_loss_weight(cfg, "seg", [], True) == 1.0  # the method's first stage
+    assert H.own_loss_weight(cfg, "det", ["seg"], False) == 1.0  # naive fine-tuning
+    assert H.own_loss_weight(cfg, "det", ["seg"], True) == 3.0  # the method's detection stage
+    assert H.own_loss_weight(cfg, "cls", ["seg", "det"], True) == 4.0
+    data = H.load_all(synthetic_root, verbose=False)
+    model = H.initial_model(cfg, torch.device("cpu"))
+    assert H.make_stage(model, "det", data, cfg).task_weight == 1.0
+    teacher = H.freeze_teacher(H.initial_model(cfg, torch.device("cpu")))
+    assert H.make_stage(model, "det", data, cfg, earlier=["seg"], teacher=teacher, replay=True).task_weight == 3.0
 
 
 def test_run_pipeline_takes_the_detection_classes_from_its_data(tmp_path):
