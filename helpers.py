@@ -2155,7 +2155,8 @@ def redraws_neck_head(cfg: Config, task: str, earlier: Sequence[str], replay: bo
 
 def reset_to_initial(model: UniHeadNet, cfg: Config, parts: Sequence[str] = ("neck", "head")) -> None:
     """The named parts of `model` (backbone, neck, head) back to where `initial_model` starts every run: the
-    ImageNet backbone, the neck and head drawn with the run's seed; the other parts kept."""
+    ImageNet backbone, the neck and head drawn with the run's seed, at the starting width (a grown neck and head
+    are replaced, not loaded into); the other parts kept."""
     unknown = sorted(set(parts) - {"backbone", "neck", "head"})
     if unknown:
         raise ValueError(f"parts to reset are backbone, neck, head; not {', '.join(unknown)}")
@@ -2163,7 +2164,7 @@ def reset_to_initial(model: UniHeadNet, cfg: Config, parts: Sequence[str] = ("ne
         return
     fresh = initial_model(cfg, next(model.parameters()).device)
     for name in parts:
-        getattr(model, name).load_state_dict(getattr(fresh, name).state_dict())
+        setattr(model, name, getattr(fresh, name).train(model.training))
 
 
 def final_width(cfg: Config) -> int:
@@ -2209,6 +2210,17 @@ def grow_neck_head(model: UniHeadNet, extra: int, *, seed: int = 0) -> None:
     if channels_last:
         neck, head = neck.to(memory_format=torch.channels_last), head.to(memory_format=torch.channels_last)
     model.neck, model.head = neck.train(model.training), head.train(model.training)
+
+
+def start_stage(model: UniHeadNet, task: str, cfg: Config, *, earlier: Sequence[str] = (), replay: bool = False,
+                seed: int = 0) -> None:
+    """The neck and head a stage starts from, in place: in the method's later stages, redrawn as at the run's
+    start (redraw_neck_head), then widened (grow_neck_head, seeded); elsewhere as given. Before `train_stage`
+    and before loading a finished or resumed stage's weights, which have this shape."""
+    if redraws_neck_head(cfg, task, earlier, replay):
+        reset_to_initial(model, cfg, ("neck", "head"))
+    if grows_neck_head(cfg, task, earlier, replay):
+        grow_neck_head(model, cfg.grow_neck_head[task], seed=seed)
 
 
 def make_stage(model: UniHeadNet, task: str, data: dict, cfg: Config, *, earlier: Sequence[str] = (),
@@ -2416,12 +2428,11 @@ def train_stage(model: UniHeadNet, task: str, data: dict, cfg: Config, stage_dir
                 earlier: Sequence[str] = (), teacher: UniHeadNet | None = None, replay: bool = False,
                 lr_scale: float = 1.0, device: torch.device | None = None, seed: int = 0, label: str = "") -> dict:
     """Train `model` on one task (train split) for cfg.epochs[task] epochs, resuming from stage_dir/last.pt.
-    Replay (when `replay`) draws from the earlier tasks; distillation uses `teacher` (frozen). The stage ends
+    Replay (when `replay`) draws from the earlier tasks; distillation uses `teacher` (frozen, the model before the
+    stage). The neck and head are trained as given: `start_stage` redraws or widens them first. The stage ends
     with its last epoch's weights (their moving average when cfg.ema_decay > 0): val is only watched, every
     eval_every epochs, for the curves; it never chooses anything. Returns the stage record."""
     stage_dir.mkdir(parents=True, exist_ok=True)
-    if redraws_neck_head(cfg, task, earlier, replay) and not (stage_dir / "last.pt").exists():
-        reset_to_initial(model, cfg, ("neck", "head"))  # (a resumed stage gets its weights from last.pt)
     stage = make_stage(model, task, data, cfg, earlier=earlier, teacher=teacher, replay=replay, lr_scale=lr_scale,
                        device=device, seed=seed)
     last = stage_dir / "last.pt"
@@ -2474,9 +2485,9 @@ def run_stage_cached(model: UniHeadNet, task: str, data: dict, cfg: Config, stag
     when round_fp16, as a fp16 checkpoint will hold them) evaluate `eval_tasks` on val, every metric, per class
     too. A finished stage is loaded from its weights, so re-running a pipeline skips it."""
     done, weights = stage_dir / "done.json", stage_dir / "weights.pt"
-    if grows_neck_head(cfg, task, train_kw.get("earlier", ()), train_kw.get("replay", False)):
-        # before anything loads: a finished or resumed stage's weights have the grown shape
-        grow_neck_head(model, cfg.grow_neck_head[task], seed=train_kw.get("seed", 0))
+    # before anything loads: a finished or resumed stage's weights have the shape the stage started with
+    start_stage(model, task, cfg, earlier=train_kw.get("earlier", ()), replay=train_kw.get("replay", False),
+                seed=train_kw.get("seed", 0))
     if done.is_file() and weights.is_file():
         load_weights(model, weights)
         print(f"[{train_kw.get('label', task)}] finished earlier: loaded {weights}")

@@ -37,8 +37,7 @@ def training_throughput(cfg: H.Config, data: dict, steps: int, device: torch.dev
     out = {}
     for k, task in enumerate(cfg.order):
         earlier = list(cfg.order[:k])
-        if H.grows_neck_head(cfg, task, earlier, replay=bool(earlier)):  # as the pipeline widens it
-            H.grow_neck_head(model, cfg.grow_neck_head[task], seed=cfg.seed)
+        H.start_stage(model, task, cfg, earlier=earlier, replay=bool(earlier), seed=cfg.seed)  # as the pipeline
         stage = H.make_stage(model, task, data, cfg, earlier=earlier, teacher=teacher if earlier else None,
                              replay=bool(earlier), device=device)
         batches = (batch for _ in iter(int, 1) for batch in stage.loader)  # the loader, epoch after epoch

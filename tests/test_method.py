@@ -261,7 +261,7 @@ def test_redrawn_stage_starts_from_the_initial_neck_and_head_and_keeps_the_backb
     backbone as stage 1 left it), trains their BatchNorm statistics live, and distils from the model before the
     redraw; naive fine-tuning and the stage of a task not listed keep every weight they were given."""
     cfg = H.make_config("smoke", batch_size=4, epochs={"seg": 1, "det": 1, "cls": 1}, probe_epochs={"det": 0},
-                        redraw_neck_head=("det",))
+                        redraw_neck_head=("det",), grow_neck_head={"det": 0})  # growth too: the test below
     initial = {k: v.clone() for k, v in H.initial_model(cfg).state_dict().items()}
     model = H.initial_model(cfg)
     with torch.no_grad():  # stands for stage 1: every weight moved
@@ -278,18 +278,40 @@ def test_redrawn_stage_starts_from_the_initial_neck_and_head_and_keeps_the_backb
     stage = H.make_stage(model, "det", tiny_data, cfg, earlier=["seg"], teacher=H.freeze_teacher(model), replay=True)
     assert not stage.model.freeze_neck_head_bn
     assert H.make_stage(model, "cls", tiny_data, cfg, earlier=["seg", "det"], replay=True).model.freeze_neck_head_bn
-    # through train_stage: a later detection stage redraws, a naive one does not
+    # through start_stage and train_stage: a later detection stage redraws, a naive one does not
     for replay in (True, False):
         model = H.initial_model(cfg)
         with torch.no_grad():
             for p in model.neck.parameters():
                 p.add_(0.25)
         teacher = H.freeze_teacher(model) if replay else None
+        H.start_stage(model, "det", cfg, earlier=["seg"], replay=replay)
         H.train_stage(model, "det", tiny_data, cfg, tmp_path / f"replay{replay}", earlier=["seg"], teacher=teacher,
                       replay=replay)
         lateral = model.neck.laterals[0].weight
         gap = (lateral - initial["neck.laterals.0.weight"]).abs().max().item()
         assert (gap < 0.1) if replay else (gap > 0.2), gap  # one epoch at lr 3e-3 moves a weight far less than 0.25
+
+
+def test_a_redrawn_stage_can_also_grow(tiny_data, tmp_path):
+    """redraw_neck_head and grow_neck_head together: the stage starts from the initial neck and head (starting
+    width, even from a model grown before) widened by the stage's channels, and trains from there."""
+    cfg = H.make_config("smoke", batch_size=4, epochs={"seg": 1, "det": 1, "cls": 1}, probe_epochs={"det": 0},
+                        redraw_neck_head=("det",), grow_neck_head={"det": 16})
+    initial = H.initial_model(cfg).state_dict()
+    model = H.initial_model(cfg)
+    H.grow_neck_head(model, 8)  # any width before: the redraw goes back to the initial one
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.25)
+    H.start_stage(model, "det", cfg, earlier=["seg"], replay=True)
+    assert model.width == cfg.neck_channels + 16
+    for key, value in model.state_dict().items():
+        if key.startswith(("neck.", "head.")) and value.ndim:
+            assert torch.equal(value[tuple(slice(0, n) for n in initial[key].shape)], initial[key]), key
+    teacher = H.freeze_teacher(H.initial_model(cfg))
+    record = H.train_stage(model, "det", tiny_data, cfg, tmp_path / "det", earlier=["seg"], teacher=teacher, replay=True)
+    assert len(record["history"]) == 1 and model.width == cfg.neck_channels + 16
 
 
 def test_grown_neck_and_head_keep_every_output_and_train_the_new_channels(tiny_data, tmp_path):

@@ -71,8 +71,8 @@ def run(args: argparse.Namespace) -> dict:
         H.load_weights(model, args.init)
         teacher = H.freeze_teacher(model) if replay else None  # the earlier stage's model, before any reset
         H.reset_to_initial(model, cfg, [p for p in args.reset.split(",") if p])
-    if H.grows_neck_head(cfg, args.task, earlier, replay):  # as run_stage_cached does in the pipeline
-        H.grow_neck_head(model, cfg.grow_neck_head[args.task], seed=cfg.seed + args.seed_offset)
+    # redrawn and grown as the pipeline's run_stage_cached starts the stage
+    H.start_stage(model, args.task, cfg, earlier=earlier, replay=replay, seed=cfg.seed + args.seed_offset)
     stage_dir = Path(cfg.out_dir)
     for stale in ("last.pt", "log.csv"):
         (stage_dir / stale).unlink(missing_ok=True)
