@@ -261,7 +261,7 @@ def test_redrawn_stage_starts_from_the_initial_neck_and_head_and_keeps_the_backb
     backbone as stage 1 left it), trains their BatchNorm statistics live, and distils from the model before the
     redraw; naive fine-tuning and the stage of a task not listed keep every weight they were given."""
     cfg = H.make_config("smoke", batch_size=4, epochs={"seg": 1, "det": 1, "cls": 1}, probe_epochs={"det": 0},
-                        redraw_neck_head=("det",), grow_neck_head={"det": 0})  # growth too: the test below
+                        redraw_neck_head=("det",), grow_neck_head={"det": 0})  # redraw alone (with growth: next test)
     initial = {k: v.clone() for k, v in H.initial_model(cfg).state_dict().items()}
     model = H.initial_model(cfg)
     with torch.no_grad():  # stands for stage 1: every weight moved
