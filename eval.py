@@ -35,6 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="write metrics JSON here (keys det.map, det.map50, seg.miou, cls.top1, ...)")
     p.add_argument("--save-predictions", default=None, metavar="DIR",
                    help="write detections.json (COCO results), segmentation/*.png, classification.csv")
+    p.add_argument("--flip-test", action=argparse.BooleanOptionalAction, default=None,
+                   help="average the outputs on each image and its mirror image (default: as the checkpoint's run "
+                        "scored it, its config's flip_test)")
     p.add_argument("--strict-classes", action="store_true",
                    help="fail (status 2) when the split lacks a detection class of the checkpoint")
     return p.parse_args(argv)
@@ -105,12 +108,14 @@ def main(argv=None) -> dict:
         fail(str(exc))
     if args.batch_size:
         cfg.batch_size = args.batch_size
+    if args.flip_test is not None:
+        cfg.flip_test = args.flip_test
     data = load_data(args, tasks, payload)
     t0 = time.time()
     metrics = H.evaluate(model, data, cfg, device, tasks=tasks, keep_predictions=bool(args.save_predictions))
     predictions = metrics.pop("predictions", None)
     print(f"UniHead checkpoint {args.weights} | split {args.split} | {H.describe_device(device)} | "
-          f"{time.time() - t0:.1f} s")
+          f"flip test {'on' if cfg.flip_test else 'off'} | {time.time() - t0:.1f} s")
     names = {"det.map": "mAP@[.5:.95]", "det.map50": "mAP@0.5", "seg.miou": "mIoU", "cls.top1": "Top-1"}
     for key, value in H.headline(metrics).items():
         print(f"{names[key]:>14}: {value:.4f}")

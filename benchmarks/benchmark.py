@@ -4,8 +4,9 @@
     python benchmarks/benchmark.py --runs 200 --run-dir runs/full   # also take the pipeline's wall time
 
 Measures, on the model as the method's last stage leaves it (neck and head at their grown width):
-parameters per part; inference latency for one 512x512 image (fp32, and AMP on CUDA), the median
-of --runs synchronised runs after warm-up; throughput at --batch; training images/s of each stage's step
+parameters per part; inference latency for one 512x512 image (fp32, and AMP on CUDA; with the config's
+flip_test, both passes of the flip test, as evaluation runs them), the median of --runs synchronised runs
+after warm-up; throughput at --batch; training images/s of each stage's step
 (the stage's task plus replay and distillation of the earlier ones, as in training); and, with --run-dir,
 the training time a finished run recorded. Output: benchmarks/results/<device-slug>.json and the table in
 benchmarks/README.md, regenerated from every JSON there. Nothing is extrapolated to other devices.
@@ -60,15 +61,16 @@ def training_throughput(cfg: H.Config, data: dict, steps: int, device: torch.dev
 
 def write_table(results_dir: Path, readme: Path) -> None:
     rows = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
-    lines = ["| device | date | params | fp32 ms/img @512 | AMP ms/img @512 | img/s @512 (batch) | train img/s seg / det / cls (size) | pipeline min |",
-             "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: |"]
+    lines = ["| device | date | params | passes per image | fp32 ms/img @512 | AMP ms/img @512 | img/s @512 (batch) | train img/s seg / det / cls (size) | pipeline min |",
+             "| --- | --- | ---: | --- | ---: | ---: | ---: | --- | ---: |"]
     for r in rows:
         lat = {l["amp"]: l for l in r["latency_512"]}
         amp = f"{lat[True]['median_ms']:.1f}" if True in lat else "n/a (CPU)"
         tr = r["training"]
         train = " / ".join(f"{tr[t]['images_per_s']:.1f}" for t in ("seg", "det", "cls") if t in tr)
         wall = f"{r['pipeline']['train_seconds']['method'] / 60:.1f}" if r.get("pipeline") else "n/a"
-        lines.append(f"| {r['device']} | {r['date']} | {r['parameters']['total']:,} | {lat[False]['median_ms']:.1f} | "
+        passes = "2 (flip test)" if lat[False].get("flip_test") else "1"
+        lines.append(f"| {r['device']} | {r['date']} | {r['parameters']['total']:,} | {passes} | {lat[False]['median_ms']:.1f} | "
                      f"{amp} | {r['throughput']['images_per_s']:.1f} ({r['throughput']['batch']}) | {train} "
                      f"({r['train_image_size']} px) | {wall} |")
     text = readme.read_text() if readme.exists() else ""
@@ -100,11 +102,13 @@ def main(argv=None) -> dict:
     device = H.pick_device(cfg)
     model = H.initial_model(cfg, device)
     H.grow_neck_head(model, H.final_width(cfg) - model.width)  # the size of the final model (see grow_neck_head)
-    latency = [H.measure_latency(model, 512, 1, device, amp=False, runs=args.runs, warmup=args.warmup)]
+    latency = [H.measure_latency(model, 512, 1, device, amp=False, runs=args.runs, warmup=args.warmup,
+                                  flip_test=cfg.flip_test)]
     if device.type == "cuda":
-        latency.append(H.measure_latency(model, 512, 1, device, amp=True, runs=args.runs, warmup=args.warmup))
+        latency.append(H.measure_latency(model, 512, 1, device, amp=True, runs=args.runs, warmup=args.warmup,
+                                         flip_test=cfg.flip_test))
     throughput = H.measure_latency(model, 512, args.batch, device, amp=device.type == "cuda",
-                                   runs=max(2, args.runs // 10), warmup=min(args.warmup, 3))
+                                   runs=max(2, args.runs // 10), warmup=min(args.warmup, 3), flip_test=cfg.flip_test)
     data = H.prepare_data(cfg, verbose=False)
     pipeline = [H.measure_input_pipeline(data[t]["train"], cfg) for t in H.TASKS]
     result = {"device": H.describe_device(device), "date": dt.date.today().isoformat(), "torch": torch.__version__,

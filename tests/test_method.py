@@ -190,6 +190,17 @@ def test_round_to_fp16_matches_a_fp16_checkpoint(tmp_path, tiny_data):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
 
 
+def test_a_checkpoint_from_before_the_flip_test_is_scored_without_it(tmp_path, tiny_data):
+    cfg = H.make_config("smoke")
+    model = H.build_model(cfg, backbone_weights="none")
+    path = H.save_checkpoint(tmp_path / "new.pt", model, cfg, H.data_classes(tiny_data))
+    assert cfg.flip_test and H.load_checkpoint(path)[1].flip_test
+    payload = H.read_checkpoint(path)
+    del payload["config"]["flip_test"]  # as every final.pt written before the field existed
+    torch.save(payload, tmp_path / "old.pt")
+    assert not H.load_checkpoint(tmp_path / "old.pt")[1].flip_test
+
+
 def test_progress_prints_one_line_per_epoch_outside_a_notebook(capsys):
     progress = H.Progress("stage", epochs=3)
     for epoch in (1, 2, 3):

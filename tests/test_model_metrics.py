@@ -380,6 +380,35 @@ def test_output_shapes(b0, hw):
     assert all(torch.isfinite(v).all() for v in out.values())
 
 
+def test_mirror_channel_index_swaps_only_the_box_distances_l_and_r():
+    index = H.mirror_channel_index(LAYOUT)
+    a, b = LAYOUT["det_box"]
+    assert index[a:b] == [a + 2, a + 1, a, a + 3]  # (l, t, r, b) of a mirrored image are (r, t, l, b)
+    assert all(index[k] == k for k in range(OUT_CHANNELS) if not a <= k < b)
+
+
+def test_flip_test_outputs_are_mirror_equivariant_and_the_average_of_both_passes():
+    torch.manual_seed(0)
+    model = H.UniHeadNet("efficientnet-lite0", "none", neck_channels=48, head_channels=48).eval()
+    x = torch.randn(2, 3, 64, 96)
+    a, _ = LAYOUT["det_box"]
+    swap = [2, 1, 0, 3]
+    one, mirrored_one = model.predict(x), model.predict(x.flip(-1))
+    # a single pass is not equivariant (the control: the flip test's property is not there by accident)
+    assert not torch.allclose(mirrored_one["det_heatmap"], one["det_heatmap"].flip(-1), atol=1e-3)
+    both, mirrored_both = model.predict(x, flip_test=True), model.predict(x.flip(-1), flip_test=True)
+    torch.testing.assert_close(mirrored_both["det_heatmap"], both["det_heatmap"].flip(-1))
+    torch.testing.assert_close(mirrored_both["det_box"], both["det_box"].flip(-1)[:, swap])
+    torch.testing.assert_close(mirrored_both["seg"], both["seg"].flip(-1))
+    torch.testing.assert_close(mirrored_both["cls"], both["cls"])
+    # and it is the mean of the two passes' raw outputs, the mirror's mirrored back with l and r swapped
+    back = mirrored_one["raw"].flip(-1).clone()
+    back[:, a:a + 4] = back[:, a:a + 4][:, swap]
+    torch.testing.assert_close(both["raw"], (one["raw"] + back) / 2)
+    with pytest.raises(RuntimeError, match="eval mode"):
+        model.train().predict(x, flip_test=True)
+
+
 def test_lite0_imagenet_forward_shape(lite0):
     with torch.no_grad():
         out = lite0(torch.randn(1, 3, 96, 128))

@@ -258,7 +258,7 @@ def test_eval_py_prints_metrics_and_its_predictions_rescore_to_the_same_numbers(
     proc = run_eval("--weights", out / "final.pt", "--data_root", root, "--tasks", "all", "--device", "cpu",
                     "--out", tmp_path / "m.json", "--save-predictions", tmp_path / "pred")
     assert proc.returncode == 0, proc.stderr
-    for label in ("mAP@[.5:.95]", "mAP@0.5", "mIoU", "Top-1"):
+    for label in ("mAP@[.5:.95]", "mAP@0.5", "mIoU", "Top-1", "flip test on"):
         assert label in proc.stdout
     m = json.loads((tmp_path / "m.json").read_text())
     final = json.loads((out / "final_metrics.json").read_text())
@@ -297,10 +297,11 @@ def test_eval_py_prints_metrics_and_its_predictions_rescore_to_the_same_numbers(
 
 def test_eval_py_subset_of_tasks(smoke_run, tmp_path):
     proc = run_eval("--weights", smoke_run["out"] / "final.pt", "--data_root", smoke_run["out"] / "synthetic_data",
-                    "--tasks", "det,seg", "--device", "cpu", "--out", tmp_path / "m.json")
+                    "--tasks", "det,seg", "--device", "cpu", "--out", tmp_path / "m.json", "--no-flip-test")
     assert proc.returncode == 0, proc.stderr
     m = json.loads((tmp_path / "m.json").read_text())
     assert "det.map" in m and "seg.miou" in m and "cls.top1" not in m and "Top-1" not in proc.stdout
+    assert "flip test off" in proc.stdout  # one pass: the run itself scored with the flip test
 
 
 EVAL_FAILURES = ["missing", "not_a_checkpoint", "bad_root", "bad_tasks", "missing_split", "unwritable_out",
