@@ -2525,23 +2525,41 @@ def _scalar_metrics(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
+def scoring_settings(cfg: Config) -> dict:
+    """The settings that decide a trained model's scores (not its training): what a stage record was scored with."""
+    return {"flip_test": cfg.flip_test, "score_thresh": cfg.score_thresh, "max_dets": cfg.max_dets,
+            "nms_iou": cfg.nms_iou}
+
+
 def run_stage_cached(model: UniHeadNet, task: str, data: dict, cfg: Config, stage_dir: Path, *,
                      eval_tasks: Sequence[str], round_fp16: bool = False, **train_kw) -> dict:
     """Train one stage unless stage_dir/done.json says it finished; then (weights rounded to fp16 precision
     when round_fp16, as a fp16 checkpoint will hold them) evaluate `eval_tasks` on val, every metric, per class
-    too. A finished stage is loaded from its weights, so re-running a pipeline skips it."""
+    too. A finished stage is loaded from its weights, so re-running a pipeline skips it; one scored with other
+    `scoring_settings` (a record from before the flip test has none: it was scored without) is scored again from
+    its weights, its training (log, seconds) kept as it was."""
     done, weights = stage_dir / "done.json", stage_dir / "weights.pt"
     # before anything loads: a finished or resumed stage's weights have the shape the stage started with
     start_stage(model, task, cfg, earlier=train_kw.get("earlier", ()), replay=train_kw.get("replay", False),
                 seed=train_kw.get("seed", 0))
     if done.is_file() and weights.is_file():
         load_weights(model, weights)
-        print(f"[{train_kw.get('label', task)}] finished earlier: loaded {weights}")
+        record = json.loads(done.read_text())
+        scored_with = {**scoring_settings(cfg), "flip_test": False, **record.get("scored_with", {})}
+        if scored_with == scoring_settings(cfg):
+            print(f"[{train_kw.get('label', task)}] finished earlier: loaded {weights}")
+            return record
+        print(f"[{train_kw.get('label', task)}] finished earlier: loaded {weights}; scored again with "
+              f"{scoring_settings(cfg)} (was {scored_with})")
+        record.update(val=evaluate(model, {t: data[t]["val"] for t in eval_tasks}, cfg, tasks=eval_tasks),
+                      scored_with=scoring_settings(cfg), scored_on=_dt.date.today().isoformat())
+        write_json(record, done)
         return json.loads(done.read_text())
     record = train_stage(model, task, data, cfg, stage_dir, **train_kw)
     if round_fp16:
         round_to_fp16(model)
     record["val"] = evaluate(model, {t: data[t]["val"] for t in eval_tasks}, cfg, tasks=eval_tasks)
+    record["scored_with"] = scoring_settings(cfg)
     save_checkpoint(weights, model, cfg, data_classes(data))
     write_json(record, done)
     (stage_dir / "last.pt").unlink(missing_ok=True)

@@ -3,6 +3,8 @@ mAP, dense targets with a sigma floor, the weight EMA, the probe that leaves eve
 exactly as they were, the ImageNet-classifier teacher, WiSE-FT mixing, fp16 rounding, progress lines."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 
 import pytest
@@ -385,3 +387,31 @@ def test_a_sequence_that_grows_resumes_and_writes_a_loadable_final_model(tiny_da
     image = torch.randn(1, 3, 96, 96).contiguous(memory_format=torch.channels_last)
     assert payload["width"] == 64
     torch.testing.assert_close(loaded(image)["raw"], again["model"].eval()(image)["raw"])
+
+
+def test_a_finished_stage_scored_with_other_settings_is_scored_again_from_its_weights(tiny_data, tmp_path, monkeypatch):
+    """A finished stage is loaded, not retrained; its scores are reused when the scoring settings are the same and
+    computed again from its weights when they differ (the flip test on a record from before it), its training
+    record kept; a record with no scoring settings counts as scored without the flip test."""
+    cfg = H.make_config("smoke", batch_size=4, epochs={"seg": 1}, flip_test=False)
+    stage = tmp_path / "stage1_seg"
+    H.run_stage_cached(H.build_model(cfg, backbone_weights="none"), "seg", tiny_data, cfg, stage, eval_tasks=["seg"])
+    first = json.loads((stage / "done.json").read_text())
+    assert first["scored_with"] == H.scoring_settings(cfg) and not first["scored_with"]["flip_test"]
+    calls = []
+    real_evaluate = H.evaluate
+    monkeypatch.setattr(H, "evaluate", lambda *a, **k: calls.append(k) or real_evaluate(*a, **k))
+    monkeypatch.setattr(H, "train_stage", lambda *a, **k: pytest.fail("a finished stage was trained again"))
+    fresh = lambda: H.build_model(cfg, backbone_weights="none")  # noqa: E731
+    assert H.run_stage_cached(fresh(), "seg", tiny_data, cfg, stage, eval_tasks=["seg"]) == first and not calls
+    del first["scored_with"]  # as a record written before the flip test existed
+    H.write_json(first, stage / "done.json")
+    assert H.run_stage_cached(fresh(), "seg", tiny_data, cfg, stage, eval_tasks=["seg"]) == first and not calls
+    flip = dataclasses.replace(cfg, flip_test=True)
+    again = H.run_stage_cached(fresh(), "seg", tiny_data, flip, stage, eval_tasks=["seg"])
+    assert len(calls) == 1 and again["scored_with"]["flip_test"] and again["history"] == first["history"]
+    model = fresh()
+    H.load_weights(model, stage / "weights.pt")
+    expected = real_evaluate(model, {"seg": tiny_data["seg"]["val"]}, flip, tasks=["seg"])
+    assert again["val"]["seg.miou"] == pytest.approx(expected["seg.miou"])
+    assert json.loads((stage / "done.json").read_text()) == again
