@@ -458,6 +458,19 @@ def test_report_without_baselines_says_n_a_not_fail(smoke_run, tmp_path):
     assert "cannot say whether it passes" in text
 
 
+def test_report_says_when_stages_were_scored_again_from_their_weights(smoke_run, tmp_path):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run["out"], run, ignore=shutil.ignore_patterns("*.pt", "synthetic_data"))
+    records = sorted(run.rglob("done.json"))
+    assert len(records) >= 3 and "stages were trained by an earlier call" not in H.write_report(run, run / "r.md").read_text()
+    for path in records[:2]:  # as run_stage_cached leaves a finished stage it scored again
+        H.write_json({**json.loads(path.read_text()), "scored_on": "2026-11-23"}, path)
+    text = H.write_report(run, run / "r.md").read_text()
+    assert f"_2 of its {len(records)} stages were trained by an earlier call and scored again from their saved " \
+           "weights on 2026-11-23 (flip_test True," in text
+
+
 def test_report_gives_the_val_box_count_of_each_rare_detection_class(smoke_run, tmp_path):
     """A class with one val box swings mAP by a whole class's share: the limitations name such classes with
     their counts, taken from the run's data facts."""
