@@ -3081,7 +3081,8 @@ def _report_header(ctx: dict) -> list[str]:
     records = [json.loads(p.read_text()) for p in sorted(Path(ctx["run_dir"]).rglob("done.json"))]
     rescored = sorted({r["scored_on"] for r in records if "scored_on" in r})
     if rescored:
-        settings = ", ".join(f"{k} {v}" for k, v in records[0]["scored_with"].items())
+        latest = next(r for r in records if r.get("scored_on") == rescored[-1])
+        settings = ", ".join(f"{k} {v}" for k, v in latest["scored_with"].items())
         lines += [f"_{sum('scored_on' in r for r in records)} of its {len(records)} stages were trained by an earlier "
                   f"call and scored again from their saved weights on {', '.join(rescored)} ({settings}): their "
                   "scores are those of the current scoring, their training logs and times those of their "
