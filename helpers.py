@@ -2544,15 +2544,15 @@ def run_stage_cached(model: UniHeadNet, task: str, data: dict, cfg: Config, stag
                 seed=train_kw.get("seed", 0))
     if done.is_file() and weights.is_file():
         load_weights(model, weights)
-        record = json.loads(done.read_text())
-        scored_with = {**scoring_settings(cfg), "flip_test": False, **record.get("scored_with", {})}
-        if scored_with == scoring_settings(cfg):
+        record, settings = json.loads(done.read_text()), scoring_settings(cfg)
+        scored_with = {**settings, "flip_test": False, **record.get("scored_with", {})}
+        if scored_with == settings:
             print(f"[{train_kw.get('label', task)}] finished earlier: loaded {weights}")
             return record
-        print(f"[{train_kw.get('label', task)}] finished earlier: loaded {weights}; scored again with "
-              f"{scoring_settings(cfg)} (was {scored_with})")
+        print(f"[{train_kw.get('label', task)}] finished earlier: loaded {weights}; scored again with {settings} "
+              f"(was {scored_with})")
         record.update(val=evaluate(model, {t: data[t]["val"] for t in eval_tasks}, cfg, tasks=eval_tasks),
-                      scored_with=scoring_settings(cfg), scored_on=_dt.date.today().isoformat())
+                      scored_with=settings, scored_on=_dt.date.today().isoformat())
         write_json(record, done)
         return json.loads(done.read_text())
     record = train_stage(model, task, data, cfg, stage_dir, **train_kw)
