@@ -156,6 +156,14 @@ class Config:
     # at mIoU 0.464 / 0.459 / 0.450 / 0.427; results/experiments/stage3): 0.5 trades one Imagenette image for
     # two points of mIoU less than 1 does
     cls_teacher_weight: float = 0.5
+    # weight, per task, of distillation from that task's own single-task model (its baseline, trained first from the
+    # ImageNet backbone on the same train images: no other data, no val) in the method's stage of that task after
+    # the first: the task's outputs on the stage's images pulled towards the expert's (the task's `distill`: for
+    # detection Bernoulli KL on heatmaps plus GIoU to its confident boxes), added to the task's own loss. The
+    # multi-task student learns from a teacher of the same task (Clark et al., *BAM! Born-Again Multi-Task
+    # Networks*, ACL 2019; Li & Bilen, *Knowledge Distillation for Multi-task Learning*, ECCV-W 2020); it costs
+    # one frozen forward pass per batch and needs single_task_baselines' model (trained first when missing). 0: off
+    single_task_teacher_weight: dict[str, float] = field(default_factory=lambda: {"seg": 0.0, "det": 3.0, "cls": 0.0})
     # epochs at the start of a stage that train only the task's own output channels of the head's last layer,
     # everything shared frozen (the other tasks' outputs do not change at all), before the whole network is
     # fine-tuned with distillation and replay (LP-FT, Kumar et al., ICLR 2022); 0: no probe. Later stages of the
@@ -2128,16 +2136,21 @@ def with_teacher_logits(batch: dict, task: str, task_teachers: dict[str, nn.Modu
 def training_step_loss(model: UniHeadNet, task: str, batch: dict, cfg: Config, *, replay: dict[str, dict] | None = None,
                        earlier: Sequence[str] = (), teacher: UniHeadNet | None = None,
                        task_teachers: dict[str, nn.Module] | None = None,
-                       task_weight: float = 1.0) -> dict[str, torch.Tensor]:
+                       task_weight: float = 1.0, expert: nn.Module | None = None) -> dict[str, torch.Tensor]:
     """All loss terms of one step: the stage's task on its batch (times task_weight: `own_loss_weight`); with a teacher,
     distillation of every earlier task's outputs on the current images (LwF); for each replayed task its own
     loss on the replay images plus distillation there too. task_teachers: a task's external teacher (the
     ImageNet classifier for classification) wherever that task's images are. A stage whose kd_current_weight is 0
-    has no distillation terms on its own images and spends no teacher pass on them."""
+    has no distillation terms on its own images and spends no teacher pass on them. expert: the task's own
+    single-task model, distilled on the stage's images at cfg.single_task_teacher_weight[task]."""
     terms: dict[str, torch.Tensor] = {}
     batch = with_teacher_logits(batch, task, task_teachers)
     out = model(batch["image"])
     terms.update({name: task_weight * value for name, value in TASK_TABLE[task].loss(out, batch, cfg).items()})
+    if expert is not None and cfg.single_task_teacher_weight.get(task, 0.0) > 0:
+        with torch.no_grad():
+            e_out = expert(batch["image"])
+        terms[f"expert_{task}"] = cfg.single_task_teacher_weight[task] * TASK_TABLE[task].distill(out, e_out, cfg)
     if teacher is not None and earlier and cfg.kd_current_weight[task]:
         with torch.no_grad():
             t_out = teacher(batch["image"])
@@ -2177,6 +2190,7 @@ class Stage:
     task_teachers: dict[str, nn.Module]  # external teachers of the stage's tasks (e.g. the ImageNet classifier)
     start: dict[str, torch.Tensor]  # the weights the stage started from (WiSE-FT mixes back towards them)
     task_weight: float  # weight of the stage's own loss (`own_loss_weight`)
+    expert: UniHeadNet | None = None  # the task's single-task model, frozen (single_task_teacher_weight)
 
 
 def is_methods_later_stage(earlier: Sequence[str], replay: bool) -> bool:
@@ -2225,6 +2239,12 @@ def grows_neck_head(cfg: Config, task: str, earlier: Sequence[str], replay: bool
     return is_methods_later_stage(earlier, replay) and cfg.grow_neck_head.get(task, 0) > 0
 
 
+def uses_expert(cfg: Config, task: str, earlier: Sequence[str], replay: bool) -> bool:
+    """Whether this stage distils its task from the task's single-task model (cfg.single_task_teacher_weight):
+    only the method's later stages."""
+    return is_methods_later_stage(earlier, replay) and cfg.single_task_teacher_weight.get(task, 0.0) > 0
+
+
 @torch.no_grad()
 def grow_neck_head(model: UniHeadNet, extra: int, *, seed: int = 0) -> None:
     """Widen the neck and head by `extra` channels in place, without changing any output: every old weight is
@@ -2271,9 +2291,10 @@ def start_stage(model: UniHeadNet, task: str, cfg: Config, *, earlier: Sequence[
 
 def make_stage(model: UniHeadNet, task: str, data: dict, cfg: Config, *, earlier: Sequence[str] = (),
                teacher: UniHeadNet | None = None, replay: bool = False, lr_scale: float = 1.0,
-               device: torch.device | None = None, seed: int = 0) -> Stage:
+               device: torch.device | None = None, seed: int = 0, expert: UniHeadNet | None = None) -> Stage:
     """A stage's loader, replay sampler, AdamW with warm-up and cosine decay, gradient scaler and weight EMA.
-    Seeded, so a stage's augmentations and replay draws do not depend on what ran before it."""
+    Seeded, so a stage's augmentations and replay draws do not depend on what ran before it. `expert` (the task's
+    single-task model) is kept only where it is distilled: the method's later stages with a single_task_teacher_weight."""
     device = device or next(model.parameters()).device
     model.freeze_neck_head_bn = (bool(earlier) and cfg.freeze_head_bn_after_first
                                  and not redraws_neck_head(cfg, task, earlier, replay)
@@ -2298,7 +2319,7 @@ def make_stage(model: UniHeadNet, task: str, data: dict, cfg: Config, *, earlier
                 for t, m in teachers.items() if m is not None}
     return Stage(model, task, cfg, device, loader, generator, sampler, teacher, list(earlier), optimizer, scheduler,
                  scaler, ema, epochs, teachers, state_on_cpu(model) if earlier and cfg.wise_alpha.get(task, 1.0) < 1 else {},
-                 own_loss_weight(cfg, task, earlier, replay))
+                 own_loss_weight(cfg, task, earlier, replay), expert if uses_expert(cfg, task, earlier, replay) else None)
 
 
 def train_step(stage: Stage, batch: dict, replay: dict[str, dict]) -> dict[str, float]:
@@ -2308,7 +2329,7 @@ def train_step(stage: Stage, batch: dict, replay: dict[str, dict]) -> dict[str, 
     with _autocast(stage.device, stage.cfg.amp):
         terms = training_step_loss(stage.model, stage.task, batch, stage.cfg, replay=replay, earlier=stage.earlier,
                                    teacher=stage.teacher, task_teachers=stage.task_teachers,
-                                   task_weight=stage.task_weight)
+                                   task_weight=stage.task_weight, expert=stage.expert)
     loss = sum(terms.values())
     if not torch.isfinite(loss):
         raise FloatingPointError(f"{stage.task}: non-finite loss {({k: float(v) for k, v in terms.items()})}")
@@ -2472,7 +2493,8 @@ def _resume(stage: Stage, path: Path) -> tuple[int, list[dict], float]:
 
 def train_stage(model: UniHeadNet, task: str, data: dict, cfg: Config, stage_dir: Path, *,
                 earlier: Sequence[str] = (), teacher: UniHeadNet | None = None, replay: bool = False,
-                lr_scale: float = 1.0, device: torch.device | None = None, seed: int = 0, label: str = "") -> dict:
+                lr_scale: float = 1.0, device: torch.device | None = None, seed: int = 0, label: str = "",
+                expert: UniHeadNet | None = None) -> dict:
     """Train `model` on one task (train split) for cfg.epochs[task] epochs, resuming from stage_dir/last.pt.
     Replay (when `replay`) draws from the earlier tasks; distillation uses `teacher` (frozen, the model before the
     stage). The neck and head are trained as given: `start_stage` redraws or widens them first. The stage ends
@@ -2480,7 +2502,7 @@ def train_stage(model: UniHeadNet, task: str, data: dict, cfg: Config, stage_dir
     eval_every epochs, for the curves; it never chooses anything. Returns the stage record."""
     stage_dir.mkdir(parents=True, exist_ok=True)
     stage = make_stage(model, task, data, cfg, earlier=earlier, teacher=teacher, replay=replay, lr_scale=lr_scale,
-                       device=device, seed=seed)
+                       device=device, seed=seed, expert=expert)
     last = stage_dir / "last.pt"
     start_epoch, history, seconds = _resume(stage, last)
     probe = []
@@ -2605,10 +2627,15 @@ def run_sequence(cfg: Config, data: dict, strategy: str | None = None, upto: int
     full = strategy == "full"
     for k, task in enumerate(cfg.order[:upto]):
         name = f"stage{k + 1}_{task}"
+        # the task's single-task model as a teacher, only for a stage that still has to train (trained first if
+        # the baselines have not run yet; they then find it finished)
+        expert = None
+        if uses_expert(cfg, task, cfg.order[:k], full) and not (stage_dir(cfg, strategy, k) / "done.json").is_file():
+            expert = freeze_teacher(single_task_model(cfg, data, task, device)[0])
         record = run_stage_cached(
             model, task, data, cfg, stage_dir(cfg, strategy, k), eval_tasks=TASKS, earlier=list(cfg.order[:k]),
             teacher=teacher if full else None, replay=full, device=device, lr_scale=cfg.lr_scale[task],
-            seed=cfg.seed + 100 * k, label=f"{strategy}:{name}",
+            seed=cfg.seed + 100 * k, label=f"{strategy}:{name}", expert=expert,
             round_fp16=cfg.final_fp16 and strategy == cfg.strategy and k == len(cfg.order) - 1)
         last = record["val"]
         rows.append(_scalar_metrics(last))
@@ -2623,6 +2650,15 @@ def run_sequence(cfg: Config, data: dict, strategy: str | None = None, upto: int
     return {"matrix": rows, "stages": stages, "final": last, "model": model}
 
 
+def single_task_model(cfg: Config, data: dict, task: str, device: torch.device | None = None) -> tuple[UniHeadNet, dict]:
+    """The task trained alone from the initial weights (out_dir/single_task/<task>; loaded when it finished
+    earlier) and its stage record: the single-task baseline, and the method's expert teacher of that task."""
+    model = initial_model(cfg, device)
+    record = run_stage_cached(model, task, data, cfg, Path(cfg.out_dir) / "single_task" / task, eval_tasks=[task],
+                              device=device, lr_scale=cfg.lr_scale[task], seed=cfg.seed + 1000, label=f"single:{task}")
+    return model, record
+
+
 def run_single_task_baselines(cfg: Config, data: dict) -> dict[str, dict]:
     """Each task trained alone from the same initial weights with the same epochs and learning rates.
     The first task's baseline is stage 1 itself (same data, init and budget), so it is not trained twice.
@@ -2632,10 +2668,7 @@ def run_single_task_baselines(cfg: Config, data: dict) -> dict[str, dict]:
     first = run_sequence(cfg, data, cfg.strategy, upto=1)
     baselines = {cfg.order[0]: {"value": first["matrix"][0][TASK_METRIC[cfg.order[0]]], "stage": "stage 1"}}
     for task in cfg.order[1:]:
-        model = initial_model(cfg, device)
-        record = run_stage_cached(model, task, data, cfg, Path(cfg.out_dir) / "single_task" / task, eval_tasks=[task],
-                                  device=device, lr_scale=cfg.lr_scale[task], seed=cfg.seed + 1000,
-                                  label=f"single:{task}")
+        _, record = single_task_model(cfg, data, task, device)
         baselines[task] = {"value": record["val"][TASK_METRIC[task]], "epochs": record["epochs"],
                            "seconds": record["seconds"]}
     return baselines

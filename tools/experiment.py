@@ -54,6 +54,8 @@ def images_per_step(cfg: H.Config, earlier: list[str], replay: bool) -> int:
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.expert and not args.init:
+        raise SystemExit("--expert needs --init and --earlier: the expert is distilled in the method's later stages only")
     if args.reset and not args.init:
         raise SystemExit("--reset needs --init: without it every part already starts in its initial state")
     overrides = parse_overrides(args.set)
@@ -77,15 +79,17 @@ def run(args: argparse.Namespace) -> dict:
     for stale in ("last.pt", "log.csv"):
         (stage_dir / stale).unlink(missing_ok=True)
     t0 = time.time()
+    expert = H.freeze_teacher(H.load_checkpoint(args.expert, device)[0]) if args.expert else None
     record = H.train_stage(model, args.task, data, cfg, stage_dir, earlier=earlier, teacher=teacher,
                            replay=replay, device=device, lr_scale=cfg.lr_scale[args.task],
-                           seed=cfg.seed + args.seed_offset, label=args.name)
+                           seed=cfg.seed + args.seed_offset, label=args.name, expert=expert)
     wall = time.time() - t0
     tasks = [args.task] + earlier
     metrics = H.evaluate(model, {t: data[t]["val"] for t in tasks}, cfg, device, tasks=tasks)
     train_seconds = sum(r["train_seconds"] for r in record["history"])
     steps = len(record["history"]) * len(H.make_loader(data[args.task]["train"], cfg, train=True))
     result = {"name": args.name, "task": args.task, "init": args.init, "reset": args.reset, "earlier": earlier,
+              "expert": args.expert,
               "overrides": overrides,
               "profile": cfg.profile, "seed": cfg.seed, "device": H.describe_device(device),
               "date": dt.date.today().isoformat(), "commit": git_commit(), "config": cfg.to_dict(),
@@ -120,7 +124,8 @@ def table(folder: Path) -> str:
     for r in rows:
         changes = ", ".join([f"{k}={json.dumps(v)}" for k, v in r["overrides"].items()]
                             + (["no replay or distillation (naive)"] if r.get("naive") else [])
-                            + ([f"{r['reset']} reset to the initial state"] if r.get("reset") else [])) or "(profile defaults)"
+                            + ([f"{r['reset']} reset to the initial state"] if r.get("reset") else [])
+                            + (["expert: the seed's single-task model"] if r.get("expert") else [])) or "(profile defaults)"
         values = " | ".join(f"{r['metrics'][k]:.4f}" if r["metrics"].get(k) is not None else "" for k, _ in present)
         tail = watched_tail(r, H.TASK_METRIC[r["task"]])
         lines.append(f"| {r['name']} | {changes} | {r['seed']} | {values} | {'' if tail is None else f'{tail:.4f}'} | "
@@ -213,6 +218,8 @@ def main(argv=None) -> None:
     p.add_argument("--reset", default="", metavar="PARTS",
                    help="with --init: comma list of parts (backbone, neck, head) put back to their initial state")
     p.add_argument("--earlier", default="", help="comma list of earlier tasks: replay and distillation of them")
+    p.add_argument("--expert", default=None, metavar="WEIGHTS",
+                   help="the task's single-task model (weights.pt or final.pt), distilled at single_task_teacher_weight")
     p.add_argument("--naive", action="store_true", help="earlier tasks only scored: no replay, no distillation")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON", help="config override")
     p.add_argument("--out", default=str(ROOT / "results" / "experiments"))
