@@ -3210,6 +3210,15 @@ def _method_extras(cfg: dict) -> list[str]:
                      "the same images. This is pretrained ImageNet knowledge, which the assignment allows; the teacher "
                      "exists only during training and is not part of the model, its parameters or its latency. The "
                      "single-task classification baseline uses the same teacher, so the comparison stays like for like.")
+    expert = {t: w for t, w in cfg.get("single_task_teacher_weight", {}).items() if w}
+    if expert:
+        lines.append(f"- **Single-task teacher (disclosed)**: the method's stage of each task in {expert} (weight of the "
+                     "term) also distils that task's outputs on the stage's images from the task's own single-task "
+                     "model, the baseline of the table below, trained first from the ImageNet backbone on the same "
+                     "train images (no other data, no val; Clark et al., *BAM! Born-Again Multi-Task Networks*, ACL "
+                     "2019). It costs one frozen forward pass per batch while the stage trains and is not part of the "
+                     "final model. The baseline is the teacher, so the student being close to it is the aim, not an "
+                     "accident: the rule's comparison is still the final model against that baseline on val.")
     grow = {t: n for t, n in cfg.get("grow_neck_head", {}).items() if n}
     if grow:
         lines.append(f"- **Fresh channels for a new task**: the method's stage of each task in {grow} starts by adding "

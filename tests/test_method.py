@@ -415,3 +415,32 @@ def test_a_finished_stage_scored_with_other_settings_is_scored_again_from_its_we
     expected = real_evaluate(model, {"seg": tiny_data["seg"]["val"]}, flip, tasks=["seg"])
     assert again["val"]["seg.miou"] == pytest.approx(expected["seg.miou"])
     assert json.loads((stage / "done.json").read_text()) == again
+
+
+def test_single_task_teacher_term_is_the_tasks_distillation_from_its_expert(tiny_data):
+    """single_task_teacher_weight: the stage's own outputs distilled from the task's single-task model. An expert
+    identical to the student gives 0; another one gives exactly weight x the task's distillation loss, with gradient
+    into the student; no expert or weight 0: no term. make_stage keeps the expert only in the method's later stages."""
+    cfg = H.make_config("smoke", batch_size=4, single_task_teacher_weight={"det": 2.0})
+    model = H.initial_model(cfg).eval()  # eval: the same outputs as a frozen copy on the same batch
+    stage = H.make_stage(model, "det", tiny_data, cfg)
+    batch = H.batch_to_device(next(iter(stage.loader)), torch.device("cpu"), cfg.channels_last)
+    same = H.training_step_loss(model, "det", batch, cfg, expert=H.freeze_teacher(model))
+    assert same["expert_det"].item() == pytest.approx(0.0, abs=1e-5)
+    other = H.initial_model(dataclasses.replace(cfg, seed=5)).eval()
+    terms = H.training_step_loss(model, "det", batch, cfg, expert=H.freeze_teacher(other))
+    expected = 2.0 * H.detection_distillation_loss(model(batch["image"]), other(batch["image"]), cfg.det_kd_conf)
+    assert terms["expert_det"].item() == pytest.approx(expected.item(), rel=1e-5) and expected.item() > 0.01
+    terms["expert_det"].backward()
+    assert model.head.layers[-1].weight.grad.abs().sum() > 0
+    assert "expert_det" not in H.training_step_loss(model, "det", batch, cfg)
+    off = dataclasses.replace(cfg, single_task_teacher_weight={"det": 0.0})
+    assert "expert_det" not in H.training_step_loss(model, "det", batch, off, expert=H.freeze_teacher(other))
+    expert = H.freeze_teacher(other)
+    teacher = H.freeze_teacher(model)
+    assert H.make_stage(model, "det", tiny_data, cfg, expert=expert).expert is None  # the baseline itself
+    assert H.make_stage(model, "det", tiny_data, cfg, earlier=["seg"], expert=expert).expert is None  # naive
+    assert H.make_stage(model, "det", tiny_data, cfg, earlier=["seg"], teacher=teacher, replay=True,
+                        expert=expert).expert is expert
+    assert H.make_stage(model, "det", tiny_data, off, earlier=["seg"], teacher=teacher, replay=True,
+                        expert=expert).expert is None

@@ -192,6 +192,31 @@ def test_task_weight_acts_only_in_the_methods_later_stages(synthetic_root):
     assert H.make_stage(model, "det", data, cfg, earlier=["seg"], teacher=teacher, replay=True).task_weight == 3.0
 
 
+def test_detection_stage_distils_the_single_task_detector_trained_once(tmp_path, synthetic_root, monkeypatch):
+    """With a single-task teacher for detection, the method's stage 2 trains with the single-task detector as its
+    expert (trained first, since the method runs before the baselines), and the baselines then load it instead of
+    training it again; stage 1, stage 3 and naive fine-tuning train without one."""
+    cfg = H.make_config("smoke", out_dir=str(tmp_path), epochs={"seg": 1, "det": 1, "cls": 1},
+                        single_task_teacher_weight={"det": 3.0})
+    data = H.load_all(synthetic_root, verbose=False)
+    for td in data.values():
+        td["train"].samples = td["train"].samples[:8]
+    calls, real = [], H.train_stage
+    monkeypatch.setattr(H, "train_stage", lambda *a, **k: calls.append((k["label"], k.get("expert"))) or real(*a, **k))
+    results = H.run_pipeline(cfg, data)
+    labels = [label for label, _ in calls]
+    assert labels == ["full:stage1_seg", "single:det", "full:stage2_det", "full:stage3_cls", "single:cls",
+                      "naive:stage2_det", "naive:stage3_cls"]
+    expert = dict(calls)["full:stage2_det"]
+    assert all(e is None for label, e in calls if label != "full:stage2_det")
+    saved = H.load_checkpoint(tmp_path / "single_task" / "det" / "weights.pt")[0].state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in expert.state_dict().items())
+    log = (tmp_path / "full" / "stage2_det" / "log.csv").read_text().splitlines()[0].split(",")
+    assert "expert_det" in log
+    assert results["single_task"]["det"]["value"] == json.loads(
+        (tmp_path / "single_task" / "det" / "done.json").read_text())["val"]["det.map"]
+
+
 def test_run_pipeline_takes_the_detection_classes_from_its_data(tmp_path):
     """A config made after the data was loaded (det_classes None) records the data's classes; a config that
     names other classes is refused before any training."""
