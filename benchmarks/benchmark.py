@@ -7,7 +7,8 @@ Measures, on the model as the method's last stage leaves it (neck and head at th
 parameters per part; inference latency for one 512x512 image (fp32, and AMP on CUDA; with the config's
 flip_test, both passes of the flip test, as evaluation runs them), the median of --runs synchronised runs
 after warm-up; throughput at --batch; training images/s of each stage's step
-(the stage's task plus replay and distillation of the earlier ones, as in training); and, with --run-dir,
+(the stage's task plus replay and distillation of the earlier ones and of a single-task expert where the config
+has one, as in training); and, with --run-dir,
 the training time a finished run recorded. Output: benchmarks/results/<device-slug>.json and the table in
 benchmarks/README.md, regenerated from every JSON there. Nothing is extrapolated to other devices.
 """
@@ -39,8 +40,10 @@ def training_throughput(cfg: H.Config, data: dict, steps: int, device: torch.dev
     for k, task in enumerate(cfg.order):
         earlier = list(cfg.order[:k])
         H.start_stage(model, task, cfg, earlier=earlier, replay=bool(earlier), seed=cfg.seed)  # as the pipeline
+        # the untrained starting model stands in for the single-task expert too (the same shape): make_stage keeps
+        # it only where cfg.single_task_teacher_weight distils one, so its frozen pass is timed where training has it
         stage = H.make_stage(model, task, data, cfg, earlier=earlier, teacher=teacher if earlier else None,
-                             replay=bool(earlier), device=device)
+                             replay=bool(earlier), device=device, expert=teacher)
         batches = (batch for _ in iter(int, 1) for batch in stage.loader)  # the loader, epoch after epoch
         images, elapsed = 0, 0.0
         for i in range(steps + 2):  # two warm-up steps
