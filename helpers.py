@@ -3017,12 +3017,17 @@ FIGURES = {"samples": ".jpg", "forgetting": ".png", "curves": ".png", "per_class
 def training_seconds(results: dict, cfg: Config | dict) -> dict[str, float]:
     """Training time of every run in a pipeline's metrics: the method's stages, the naive ablation's own
     stages (stage 1 is shared with the method), the single-task baselines' own runs (the first task's is
-    stage 1), and their sum."""
-    main = cfg["strategy"] if isinstance(cfg, dict) else cfg.strategy
-    seconds = {"method": sum(s["seconds"] for s in results["strategies"][main]["stages"]),
+    stage 1), and their sum; where the method distils single-task models (single_task_teacher_weight), also
+    'method_with_experts': the method's stages plus the training of the models it needs as teachers."""
+    cfg = cfg if isinstance(cfg, dict) else cfg.to_dict()
+    single = results.get("single_task", {})
+    seconds = {"method": sum(s["seconds"] for s in results["strategies"][cfg["strategy"]]["stages"]),
                "naive_ablation": sum(s["seconds"] for s in results["strategies"].get("naive", {}).get("stages", [])[1:]),
-               "single_task_baselines": sum(b.get("seconds", 0.0) for b in results.get("single_task", {}).values())}
+               "single_task_baselines": sum(b.get("seconds", 0.0) for b in single.values())}
     seconds["all"] = sum(seconds.values())
+    experts = [t for t in cfg["order"][1:] if cfg.get("single_task_teacher_weight", {}).get(t) and t in single]
+    if experts:
+        seconds["method_with_experts"] = seconds["method"] + sum(single[t].get("seconds", 0.0) for t in experts)
     return seconds
 
 
@@ -3343,6 +3348,8 @@ def _report_resources(ctx: dict) -> list[str]:
             f"| latency, one 512x512 image, batch 1 | {lat} on {res['device']} |",
             f"| training time of the method ({len(res['train_seconds_per_stage'])} stages) | {seconds['method'] / 60:.1f} min "
             f"({', '.join(f'{t} {v / 60:.1f}' for t, v in res['train_seconds_per_stage'].items())}) |",
+            *([f"| training time of the method with the single-task models it distils from | "
+               f"{seconds['method_with_experts'] / 60:.1f} min |"] if "method_with_experts" in seconds else []),
             f"| training time of the single-task baselines (beyond stage 1) | {seconds['single_task_baselines'] / 60:.1f} min |",
             f"| training time of the naive ablation (beyond stage 1) | {seconds['naive_ablation'] / 60:.1f} min |",
             f"| training time of all of them | {seconds['all'] / 60:.1f} min |", "",
