@@ -107,3 +107,26 @@ def test_bootstrap_draws_score_repeated_images_as_new_ones(tmp_path):
     seg = H.TaskData("seg", "val", [], H.VOC_CLASSES, "voc")
     assert tool.score_draw("seg", seg, [cm, cm * 0], np.array([0, 0])) == pytest.approx((6 / 7 + 3 / 4) / 2)
     assert tool.score_draw("cls", seg, [1, 0, 1], np.array([0, 1, 1])) == pytest.approx(1 / 3)
+
+
+def test_compare_runs_tabulates_each_runs_stage_records(tmp_path):
+    """tools/compare_runs.py: one row per run and stage, the values of its done.json, the stage's own last-epoch
+    training loss and its minutes; --stages keeps the named stages; a folder without stages is an error."""
+    def stage(run, name, val, last, seconds):
+        folder = tmp_path / run / "full" / name
+        folder.mkdir(parents=True)
+        record = {"task": name.split("_")[1], "val": val, "history": [{"epoch": 1}, last], "seconds": seconds}
+        (folder / "done.json").write_text(json.dumps(record))
+    stage("a", "stage1_seg", {"seg.miou": 0.5, "det.map": 0.0}, {"seg": 0.25}, 60)
+    stage("a", "stage2_det", {"det.map": 0.0123, "det.map50": 0.04, "seg.miou": 0.47}, {"det_heatmap": 2.5, "det_box": 7.0}, 90)
+    stage("b", "stage2_det", {"det.map": 0.02, "det.map50": 0.05, "seg.miou": 0.45}, {"det_heatmap": 2.9, "det_box": 7.25}, 120)
+    tool = [sys.executable, str(ROOT / "tools" / "compare_runs.py")]
+    out = subprocess.run(tool + [tmp_path / "a", tmp_path / "b", "--stages", "2"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    rows = out.stdout.splitlines()[2:]
+    assert rows == [f"| {tmp_path / 'a'} | 2 (det) | 0.0123 | 0.0400 | 0.4700 |  | det_heatmap 2.500, det_box 7.000 | 1.5 |",
+                    f"| {tmp_path / 'b'} | 2 (det) | 0.0200 | 0.0500 | 0.4500 |  | det_heatmap 2.900, det_box 7.250 | 2.0 |"]
+    every = subprocess.run(tool + [tmp_path / "a"], capture_output=True, text=True)
+    assert every.stdout.splitlines()[2].startswith(f"| {tmp_path / 'a'} | 1 (seg) | ") and "seg 0.250 | 1.0 |" in every.stdout
+    missing = subprocess.run(tool + [tmp_path / "nothing"], capture_output=True, text=True)
+    assert missing.returncode != 0 and "no full/ stages in" in missing.stderr
