@@ -31,9 +31,7 @@ One EfficientNet backbone, one FPN layer and **one 3-layer head whose single out
 **segmentation -> detection -> classification**, one task's data per stage, and kept from forgetting by
 distillation from the previous stage's model, a small replay of earlier tasks (at most 10 images per task per step)
 and frozen BatchNorm statistics; detection, the second stage, starts by training only its own output channels
-(probe first, `probe_epochs`) so that it does not wreck the features segmentation needs, then also learns from
-the single-task detector (its baseline, trained on the same images; `single_task_teacher_weight`, disclosed in the
-report). Classification also
+(probe first, `probe_epochs`) so that it does not wreck the features segmentation needs. Classification also
 distils from the backbone's own pretrained ImageNet
 classifier (its logits of the 10 Imagenette classes; pretrained knowledge the assignment allows, disclosed in
 the report; `cls_teacher_weight`).
@@ -144,8 +142,8 @@ del model
 
 for k, task in enumerate(("first", "second", "third")):
     md(f"## {5 + k}. Stage {k + 1}\nThe {task} task of `cfg.order` alone"
-       + (" (plus replay and distillation of the earlier ones; a task in `single_task_teacher_weight`, detection "
-             "by default, also distils its own single-task model, trained here first when section 8 has not run yet, "
+       + (" (plus replay and distillation of the earlier ones; a task given a `single_task_teacher_weight`, off by "
+             "default, also distils its own single-task model, trained here first when section 8 has not run yet, "
              "which then loads it)." if k else ".")
        + " Set the flag to train it again after changing parameters; a finished stage is loaded, not retrained.")
     code(f"""
