@@ -130,3 +130,14 @@ def test_compare_runs_tabulates_each_runs_stage_records(tmp_path):
     assert every.stdout.splitlines()[2].startswith(f"| {tmp_path / 'a'} | 1 (seg) | ") and "seg 0.250 | 1.0 |" in every.stdout
     missing = subprocess.run(tool + [tmp_path / "nothing"], capture_output=True, text=True)
     assert missing.returncode != 0 and "no full/ stages in" in missing.stderr
+
+
+def test_experiment_refuses_an_expert_it_would_not_use(tmp_path):
+    """--expert only acts in a later stage of the method with a single_task_teacher_weight for the task: without
+    --init/--earlier, or with the weight at 0 (the default), the run stops before training and says what is missing."""
+    common = ["--profile", "smoke", "--out", tmp_path, "--expert", tmp_path / "single.pt"]
+    alone = run_tool("e1", "--task", "det", *common)
+    assert alone.returncode != 0 and "--expert needs --init and --earlier" in alone.stderr
+    unweighted = run_tool("e2", "--task", "det", "--init", tmp_path / "w.pt", "--earlier", "seg", *common)
+    assert unweighted.returncode != 0 and "--expert needs a weight for it" in unweighted.stderr
+    assert not list(tmp_path.glob("*.json"))

@@ -54,13 +54,17 @@ def images_per_step(cfg: H.Config, earlier: list[str], replay: bool) -> int:
 
 
 def run(args: argparse.Namespace) -> dict:
-    if args.expert and not args.init:
-        raise SystemExit("--expert needs --init and --earlier: the expert is distilled in the method's later stages only")
+    if args.expert and not (args.init and args.earlier and not args.naive):
+        raise SystemExit("--expert needs --init and --earlier (and no --naive): the expert is distilled in the "
+                         "method's later stages only")
     if args.reset and not args.init:
         raise SystemExit("--reset needs --init: without it every part already starts in its initial state")
     overrides = parse_overrides(args.set)
     cfg = H.make_config(args.profile, data_root=args.data_root, seed=args.seed,
                         out_dir=str(Path(args.out) / args.name), **overrides)
+    if args.expert and not cfg.single_task_teacher_weight.get(args.task, 0.0) > 0:
+        raise SystemExit(f"--expert needs a weight for it: --set single_task_teacher_weight='{{\"{args.task}\": 3}}' "
+                         f"(the {args.profile} profile's is {cfg.single_task_teacher_weight.get(args.task, 0.0)})")
     data = H.prepare_data(cfg, verbose=False)
     device = H.pick_device(cfg)
     model = H.initial_model(cfg, device)
