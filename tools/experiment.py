@@ -142,7 +142,9 @@ SECTIONS = {  # subfolder of results/experiments -> what its experiments compare
            "reference recipe, the reference with one factor reverted, then additions on top of the base recipe.",
     "det384": "Single-task detection at 384 px, 20 epochs (issue 10's criterion: mAP@0.5 >= 0.12 and mAP >= 0.04 in "
               "each of two seeds): the recipe of the day (seed0, seed1), then one factor changed on it: the neck's and "
-              "head's learning rate and the backbone's doubled (lr2x), the backbone's stochastic depth off (dc0).",
+              "head's learning rate and the backbone's doubled (lr2x), the backbone's stochastic depth off (dc0). flip-seed0, "
+              "flip-seed1: the recipe of 2026-11-23 (flip test at evaluation, the default since 185e3c9), the two seeds "
+              "trained at the same time with one PyTorch thread each.",
     "seg": "Single-task segmentation (stage 1), quick profile at 256 px, 20 epochs: augmentation.",
     "stage2": "Detection as stage 2 after segmentation (from the same stage-1 weights, 256 px): the method's levers; "
               "seg.miou is the earlier task kept.",
