@@ -361,10 +361,13 @@ def seed_everything(seed: int) -> None:
 
 
 def describe_device(device: torch.device | str) -> str:
+    """The device in words, as run records give it; on a CPU the threads torch computes with out of those present
+    (two runs sharing a 2-core machine read '1 of 2 threads': their times are not those of a run alone)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} threads available)"
+    return (f"CPU ({platform.processor() or platform.machine()}, "
+            f"{torch.get_num_threads()} of {os.cpu_count()} threads used)")
 
 
 # ==================================================================================================

@@ -4,6 +4,7 @@ import csv
 import hashlib
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -393,6 +394,17 @@ def test_config_precedence(monkeypatch):
     if not torch.cuda.is_available():
         monkeypatch.delenv("UNIHEAD_PROFILE", raising=False)
         assert H.make_config().profile == "smoke"
+
+
+def test_device_description_names_the_threads_torch_uses():
+    """Run records carry it: two runs sharing a 2-core CPU say '1 of 2', and their times read accordingly."""
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert H.describe_device("cpu").endswith(f", {threads} of {os.cpu_count()} threads used)")
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_one_value_for_a_per_task_field_sets_every_task(monkeypatch):
