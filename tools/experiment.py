@@ -139,7 +139,10 @@ def table(folder: Path) -> str:
 
 SECTIONS = {  # subfolder of results/experiments -> what its experiments compare
     "det": "Single-task detection, quick profile (256 px unless stated), 20 epochs: the project's recipe, a plain "
-           "reference recipe, the reference with one factor reverted, then additions on top of the base recipe.",
+           "reference recipe, the reference with one factor reverted, then additions on top of the base recipe. "
+           "e14-320-seed0: 320 px for 14 epochs instead of 256 px for 20, about the same training time (10.5 against "
+           "10.9 min alone on the 2-core CPU; the profile's single-task detection of seed 0 scores 0.0278 / 0.0759 "
+           "at 256 px, results/quick-seed0).",
     "det384": "Single-task detection at 384 px, 20 epochs (issue 10's criterion: mAP@0.5 >= 0.12 and mAP >= 0.04 in "
               "each of two seeds): the recipe of the day (seed0, seed1), then one factor changed on it: the neck's and "
               "head's learning rate and the backbone's doubled (lr2x), the backbone's stochastic depth off (dc0). flip-seed0, "
