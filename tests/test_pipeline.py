@@ -137,7 +137,8 @@ def test_replay_never_exceeds_the_limit(synthetic_root):
 
 def test_loss_weights_scale_exactly_the_terms_they_name(synthetic_root):
     """task_weight scales the stage's own loss only; kd_current_weight (of the stage's task) scales distillation on
-    the current images only (replay terms keep their weight). Same weights, same batches: the ratios are exact."""
+    the current images only (replay terms keep their weight); replay_weight (of the stage's task) scales the replayed
+    tasks' own losses only (their distillation keeps kd_weight). Same weights, same batches: the ratios are exact."""
     data = H.load_all(synthetic_root, verbose=False)
     base = H.make_config("smoke", replay_per_task=2, batch_size=2)
     model = H.initial_model(base).eval()  # eval: no drop-connect, so two forward passes agree
@@ -163,6 +164,12 @@ def test_loss_weights_scale_exactly_the_terms_they_name(synthetic_root):
         assert weighted[k] == pytest.approx(0.25 * plain[k], rel=1e-5)
     for k in (k for k in plain if k.startswith("replay_")):
         assert weighted[k] == pytest.approx(plain[k], rel=1e-5), k
+    replayed = terms(task_weight={"seg": 1.0, "det": 1.0, "cls": 1.0}, kd_current_weight={"seg": 1.0, "det": 1.0, "cls": 1.0},
+                     replay_weight={"seg": 0.0, "det": 0.0, "cls": 2.0})  # the cls stage's factor acts, not the others'
+    labelled = [k for k in plain if k.startswith("replay_") and not k.startswith("replay_kd_")]
+    assert {"replay_seg", "replay_det_heatmap", "replay_det_box"} <= set(labelled)
+    for k in plain:
+        assert replayed[k] == pytest.approx((2 if k in labelled else 1) * plain[k], rel=1e-5), k
     # at 0 the stage's own images get no distillation term (and no teacher pass); replay keeps all of its terms
     sides = []  # the input side of each teacher pass: classification images are smaller than the replayed ones
     hook = teacher.register_forward_hook(lambda module, args, output: sides.append(args[0].shape[-1]))
