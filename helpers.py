@@ -147,8 +147,9 @@ class Config:
     # (results/experiments/pipeline-task-weight-det3)
     task_weight: dict[str, float] = field(default_factory=lambda: {"seg": 1.0, "det": 3.0, "cls": 4.0})
     # weight of the replayed tasks' own losses (their labels on the replay images), per stage (the task being
-    # learned); their distillation terms keep kd_weight. Classification's stage at 2 (was 1), from the published
-    # stage-2 weights, seeds 0 / 1 (results/experiments/stage3 s0-, s1-replayw2; fp32 against final.pt's fp16):
+    # learned); their distillation terms keep kd_weight. Classification's stage at 2 (was 1), from the stage-2
+    # weights of the quick runs of e921999, seeds 0 / 1, against their published stage 3 at 1
+    # (results/experiments/stage3 s0-, s1-replayw2; fp32 against final.pt's fp16):
     # final mAP / mAP@0.5 / mIoU / top-1 0.0242 / 0.071 / 0.476 / 0.917 -> 0.0239 / 0.073 / 0.481 / 0.933 and
     # 0.0222 / 0.072 / 0.465 / 0.917 -> 0.0238 / 0.080 / 0.466 / 0.917: no figure lower by more than 0.0003 mAP, the
     # replayed labels fitted better (last-epoch replay heatmap loss per unit weight 0.95 / 0.91 -> 0.92 / 0.89).
