@@ -164,12 +164,14 @@ def test_loss_weights_scale_exactly_the_terms_they_name(synthetic_root):
         assert weighted[k] == pytest.approx(0.25 * plain[k], rel=1e-5)
     for k in (k for k in plain if k.startswith("replay_")):
         assert weighted[k] == pytest.approx(plain[k], rel=1e-5), k
-    replayed = terms(task_weight={"seg": 1.0, "det": 1.0, "cls": 1.0}, kd_current_weight={"seg": 1.0, "det": 1.0, "cls": 1.0},
+    ones = {"seg": 1.0, "det": 1.0, "cls": 1.0}
+    unit = terms(task_weight=ones, kd_current_weight=ones, replay_weight=ones)
+    replayed = terms(task_weight=ones, kd_current_weight=ones,
                      replay_weight={"seg": 0.0, "det": 0.0, "cls": 2.0})  # the cls stage's factor acts, not the others'
-    labelled = [k for k in plain if k.startswith("replay_") and not k.startswith("replay_kd_")]
+    labelled = [k for k in unit if k.startswith("replay_") and not k.startswith("replay_kd_")]
     assert {"replay_seg", "replay_det_heatmap", "replay_det_box"} <= set(labelled)
-    for k in plain:
-        assert replayed[k] == pytest.approx((2 if k in labelled else 1) * plain[k], rel=1e-5), k
+    for k in unit:
+        assert replayed[k] == pytest.approx((2 if k in labelled else 1) * unit[k], rel=1e-5), k
     # at 0 the stage's own images get no distillation term (and no teacher pass); replay keeps all of its terms
     sides = []  # the input side of each teacher pass: classification images are smaller than the replayed ones
     hook = teacher.register_forward_hook(lambda module, args, output: sides.append(args[0].shape[-1]))
