@@ -3209,7 +3209,7 @@ def _report_method(ctx: dict) -> list[str]:
             f"boxes where its heat exceeds {cfg['det_kd_conf']} for detection), and (2) **replay** of "
             f"{cfg['replay_per_task']} images per earlier task per step (the assignment allows 10) with their own "
             f"labels (experience replay; Chaudhry et al., *On Tiny Episodic Memories in Continual Learning*, 2019), "
-            f"those losses weighted per stage by {cfg.get('replay_weight', 1.0)}. "
+            f"those losses weighted per stage by {cfg['replay_weight']}. "
             f"Each later stage's own loss is weighted by {cfg['task_weight']} against those terms (the single-task "
             f"baselines and the first stage have no other term and train at 1). The `naive` ablation fine-tunes each "
             f"stage on its own data only (same architecture, same budget, loss at 1){naive}.", "", *_method_extras(cfg)]
