@@ -2558,7 +2558,9 @@ def train_stage(model: UniHeadNet, task: str, data: dict, cfg: Config, stage_dir
         model.load_state_dict(stage.ema.model.state_dict())
     if stage.start:
         wise_mix(model, stage.start, cfg.wise_alpha[task], task)
-    return {"task": task, "epochs": stage.epochs, "seconds": seconds, "history": history, "probe": probe}
+    # where the training ran (on a CPU with the threads used: a time shared with another run is not a run's alone)
+    return {"task": task, "epochs": stage.epochs, "seconds": seconds, "history": history, "probe": probe,
+            "trained_on": describe_device(stage.device)}
 
 
 # ==================================================================================================
@@ -2660,7 +2662,8 @@ def run_sequence(cfg: Config, data: dict, strategy: str | None = None, upto: int
             round_fp16=cfg.final_fp16 and strategy == cfg.strategy and k == len(cfg.order) - 1)
         last = record["val"]
         rows.append(_scalar_metrics(last))
-        stages.append({key: record[key] for key in ("task", "epochs", "seconds")})
+        stages.append({"task": record["task"], "epochs": record["epochs"], "seconds": record["seconds"],
+                       "trained_on": record.get("trained_on", NOT_RECORDED)})
         print(f"[{strategy}] after {name}: " + ", ".join(f"{m}={v:.4f}" for m, v in headline(last).items())
               + f" | this call {(time.time() - t_start) / 60:.1f} min, trained "
               f"{sum(s['seconds'] for s in stages) / 60:.1f} min of a {cfg.time_budget_min:.0f} min budget")
@@ -2683,15 +2686,15 @@ def single_task_model(cfg: Config, data: dict, task: str, device: torch.device |
 def run_single_task_baselines(cfg: Config, data: dict) -> dict[str, dict]:
     """Each task trained alone from the same initial weights with the same epochs and learning rates.
     The first task's baseline is stage 1 itself (same data, init and budget), so it is not trained twice.
-    Returns per task its metric ('value') and training record ('epochs', 'seconds'; the first task's are
-    stage 1's and counted there)."""
+    Returns per task its metric ('value') and training record ('epochs', 'seconds', 'trained_on'; the first
+    task's are stage 1's and counted there)."""
     device = pick_device(cfg)
     first = run_sequence(cfg, data, cfg.strategy, upto=1)
     baselines = {cfg.order[0]: {"value": first["matrix"][0][TASK_METRIC[cfg.order[0]]], "stage": "stage 1"}}
     for task in cfg.order[1:]:
         _, record = single_task_model(cfg, data, task, device)
         baselines[task] = {"value": record["val"][TASK_METRIC[task]], "epochs": record["epochs"],
-                           "seconds": record["seconds"]}
+                           "seconds": record["seconds"], "trained_on": record.get("trained_on", NOT_RECORDED)}
     return baselines
 
 
@@ -3052,6 +3055,21 @@ def training_seconds(results: dict, cfg: Config | dict) -> dict[str, float]:
     return seconds
 
 
+NOT_RECORDED = "not recorded"  # a stage trained before its record named the device (2026-11-23)
+
+
+def training_devices(results: dict, cfg: Config | dict) -> dict[str, list[str]]:
+    """Where each group of training runs in a pipeline's metrics ran ('method', 'single_task_baselines',
+    'naive_ablation', as `training_seconds` counts them): the distinct devices their stage records name."""
+    cfg = cfg if isinstance(cfg, dict) else cfg.to_dict()
+    single = results.get("single_task", {})
+    groups = {"method": results["strategies"][cfg["strategy"]]["stages"],
+              "single_task_baselines": [b for b in single.values() if "seconds" in b],
+              "naive_ablation": results["strategies"].get("naive", {}).get("stages", [])[1:]}
+    return {name: sorted({r.get("trained_on", NOT_RECORDED) for r in records})
+            for name, records in groups.items() if records}
+
+
 def write_run_artifacts(cfg: Config, results: dict | None = None, data: dict | None = None) -> dict:
     """After run_pipeline: the final model's metrics (from the pipeline's own evaluation of the last stage:
     no second pass over val), parameters and latency at 512x512, every figure, and final_metrics.json,
@@ -3079,7 +3097,7 @@ def write_run_artifacts(cfg: Config, results: dict | None = None, data: dict | N
                  "parameters": count_parameters(model), "head_layers": describe_head(model),
                  "output_layout": output_layout(cfg.num_det_classes), "latency_512": latency,
                  "train_seconds_per_stage": {s["task"]: s["seconds"] for s in stages},
-                 "train_seconds": training_seconds(results, cfg)}
+                 "train_seconds": training_seconds(results, cfg), "train_devices": training_devices(results, cfg)}
     write_json(resources, out / "resources.json")
     write_report(out, out / "report.md")
     return resources
@@ -3374,9 +3392,20 @@ def _report_resources(ctx: dict) -> list[str]:
                f"{seconds['method_with_experts'] / 60:.1f} min |"] if "method_with_experts" in seconds else []),
             f"| training time of the single-task baselines (beyond stage 1) | {seconds['single_task_baselines'] / 60:.1f} min |",
             f"| training time of the naive ablation (beyond stage 1) | {seconds['naive_ablation'] / 60:.1f} min |",
-            f"| training time of all of them | {seconds['all'] / 60:.1f} min |", "",
+            f"| training time of all of them | {seconds['all'] / 60:.1f} min |",
+            *_training_device_rows(res), "",
             "The assignment's limits (150 ms per image, 2 h of training) are stated for a Colab T4; a figure "
             "measured on another device is labelled with that device and is not a T4 figure.", ""]
+
+
+def _training_device_rows(res: dict) -> list[str]:
+    """Where the training ran, which need not be where the latency was measured (runs from before the stage
+    records named it: not recorded)."""
+    devices = res.get("train_devices", {})
+    if not devices:
+        return [f"| training ran on | {NOT_RECORDED} (the latency row's device is where it was measured) |"]
+    names = {"method": "method", "single_task_baselines": "single-task baselines", "naive_ablation": "naive ablation"}
+    return [f"| {names[group]} trained on | {'; '.join(found)} |" for group, found in devices.items()]
 
 
 def _report_limitations(ctx: dict) -> list[str]:

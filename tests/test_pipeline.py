@@ -495,6 +495,30 @@ def test_training_time_totals_name_every_run(smoke_run):
         assert f"{value / 60:.1f} min" in report
 
 
+def test_report_names_where_each_group_of_runs_trained(smoke_run, tmp_path):
+    """Training may run elsewhere than the latency measurement (another machine, a CPU shared with a second run):
+    each group's stage records name their device and the report prints them; a stage trained before records named
+    it says 'not recorded' instead of borrowing the latency's device."""
+    import shutil
+    here = H.describe_device("cpu")
+    assert smoke_run["resources"]["train_devices"] == {"method": [here], "single_task_baselines": [here],
+                                                       "naive_ablation": [here]}
+    assert f"| naive ablation trained on | {here} |" in (smoke_run["out"] / "report.md").read_text()
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run["out"], run, ignore=shutil.ignore_patterns("*.pt", "synthetic_data"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    del metrics["strategies"]["full"]["stages"][0]["trained_on"]  # stage 1 as an older run recorded it
+    metrics["strategies"]["full"]["stages"][2]["trained_on"] = "CPU (x86_64, 1 of 2 threads used)"
+    devices = H.training_devices(metrics, smoke_run["cfg"])
+    assert devices["method"] == sorted(["not recorded", here, "CPU (x86_64, 1 of 2 threads used)"])
+    res = {**json.loads((run / "resources.json").read_text()), "train_devices": devices}
+    H.write_json(res, run / "resources.json")
+    assert f"| method trained on | {'; '.join(devices['method'])} |" in H.write_report(run, run / "r.md").read_text()
+    del res["train_devices"]  # resources.json of a run from before the field
+    H.write_json(res, run / "resources.json")
+    assert "| training ran on | not recorded" in H.write_report(run, run / "r.md").read_text()
+
+
 def test_report_without_baselines_says_n_a_not_fail(smoke_run, tmp_path):
     """Without single-task baselines the rule cannot be judged: the report says n/a, never FAIL."""
     import shutil
