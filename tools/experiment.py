@@ -168,7 +168,8 @@ SECTIONS = {  # subfolder of results/experiments -> what its experiments compare
               "thread each as those runs' stage 3 (the reference at weight 1 is their final row as published until "
               "4a6e23c, which replaced it with the notebook's re-run of this stage at 2; final.pt is scored in fp16, "
               "these in fp32). s0-, s1-replayw2-kddet05: the same with detection's distillation on the replayed "
-              "images at half weight (kd_weight det 0.5, which acts only in this stage).",
+              "images at half weight (kd_weight det 0.5, which acts only in this stage). s0-, s1-replayw4: the "
+              "same start and threads, the replayed tasks' own losses weighted 4 instead of 2.",
     "stage2-start": "Why detection as stage 2 learns slower than detection alone: detection from the published seed-0 "
                     "stage-1 weights (256 px, 20 epochs) with parts of them put back to the initial state (the "
                     "ImageNet backbone; the neck and head drawn with the seed; all three reset is detection alone). "
