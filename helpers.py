@@ -2662,8 +2662,7 @@ def run_sequence(cfg: Config, data: dict, strategy: str | None = None, upto: int
             round_fp16=cfg.final_fp16 and strategy == cfg.strategy and k == len(cfg.order) - 1)
         last = record["val"]
         rows.append(_scalar_metrics(last))
-        stages.append({"task": record["task"], "epochs": record["epochs"], "seconds": record["seconds"],
-                       "trained_on": record.get("trained_on", NOT_RECORDED)})
+        stages.append({key: record[key] for key in ("task", "epochs", "seconds", "trained_on") if key in record})
         print(f"[{strategy}] after {name}: " + ", ".join(f"{m}={v:.4f}" for m, v in headline(last).items())
               + f" | this call {(time.time() - t_start) / 60:.1f} min, trained "
               f"{sum(s['seconds'] for s in stages) / 60:.1f} min of a {cfg.time_budget_min:.0f} min budget")
@@ -2693,8 +2692,8 @@ def run_single_task_baselines(cfg: Config, data: dict) -> dict[str, dict]:
     baselines = {cfg.order[0]: {"value": first["matrix"][0][TASK_METRIC[cfg.order[0]]], "stage": "stage 1"}}
     for task in cfg.order[1:]:
         _, record = single_task_model(cfg, data, task, device)
-        baselines[task] = {"value": record["val"][TASK_METRIC[task]], "epochs": record["epochs"],
-                           "seconds": record["seconds"], "trained_on": record.get("trained_on", NOT_RECORDED)}
+        baselines[task] = {"value": record["val"][TASK_METRIC[task]],
+                           **{key: record[key] for key in ("epochs", "seconds", "trained_on") if key in record}}
     return baselines
 
 
@@ -3038,16 +3037,22 @@ def _to_cpu(obj):
 FIGURES = {"samples": ".jpg", "forgetting": ".png", "curves": ".png", "per_class": ".png", "predictions": ".jpg"}
 
 
-def training_seconds(results: dict, cfg: Config | dict) -> dict[str, float]:
-    """Training time of every run in a pipeline's metrics: the method's stages, the naive ablation's own
+def training_runs(results: dict, cfg: dict) -> dict[str, list[dict]]:
+    """The training records of a pipeline's metrics by group: the method's stages, the naive ablation's own
     stages (stage 1 is shared with the method), the single-task baselines' own runs (the first task's is
-    stage 1), and their sum; where the method distils single-task models (single_task_teacher_weight), also
-    'method_with_experts': the method's stages plus the training of the models it needs as teachers."""
+    stage 1)."""
+    return {"method": results["strategies"][cfg["strategy"]]["stages"],
+            "naive_ablation": results["strategies"].get("naive", {}).get("stages", [])[1:],
+            "single_task_baselines": [b for b in results.get("single_task", {}).values() if "seconds" in b]}
+
+
+def training_seconds(results: dict, cfg: Config | dict) -> dict[str, float]:
+    """Training time of every group of `training_runs` and their sum; where the method distils single-task
+    models (single_task_teacher_weight), also 'method_with_experts': the method's stages plus the training of
+    the models it needs as teachers."""
     cfg = cfg if isinstance(cfg, dict) else cfg.to_dict()
     single = results.get("single_task", {})
-    seconds = {"method": sum(s["seconds"] for s in results["strategies"][cfg["strategy"]]["stages"]),
-               "naive_ablation": sum(s["seconds"] for s in results["strategies"].get("naive", {}).get("stages", [])[1:]),
-               "single_task_baselines": sum(b.get("seconds", 0.0) for b in single.values())}
+    seconds = {group: sum(r["seconds"] for r in records) for group, records in training_runs(results, cfg).items()}
     seconds["all"] = sum(seconds.values())
     experts = [t for t in cfg["order"][1:] if cfg.get("single_task_teacher_weight", {}).get(t) and t in single]
     if experts:
@@ -3059,15 +3064,10 @@ NOT_RECORDED = "not recorded"  # a stage trained before its record named the dev
 
 
 def training_devices(results: dict, cfg: Config | dict) -> dict[str, list[str]]:
-    """Where each group of training runs in a pipeline's metrics ran ('method', 'single_task_baselines',
-    'naive_ablation', as `training_seconds` counts them): the distinct devices their stage records name."""
+    """Where each group of `training_runs` ran: the distinct devices their records name."""
     cfg = cfg if isinstance(cfg, dict) else cfg.to_dict()
-    single = results.get("single_task", {})
-    groups = {"method": results["strategies"][cfg["strategy"]]["stages"],
-              "single_task_baselines": [b for b in single.values() if "seconds" in b],
-              "naive_ablation": results["strategies"].get("naive", {}).get("stages", [])[1:]}
-    return {name: sorted({r.get("trained_on", NOT_RECORDED) for r in records})
-            for name, records in groups.items() if records}
+    return {group: sorted({r.get("trained_on", NOT_RECORDED) for r in records})
+            for group, records in training_runs(results, cfg).items() if records}
 
 
 def write_run_artifacts(cfg: Config, results: dict | None = None, data: dict | None = None) -> dict:
