@@ -372,14 +372,29 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """The CPU's model name as Linux's /proc/cpuinfo gives it (read there when `cpuinfo` is None), else what
+    `platform` knows (on Linux only the architecture, 'x86_64'): two machines of one kind can differ in speed."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+            return " ".join(value.split())
+    return platform.processor() or platform.machine()
+
+
 def describe_device(device: torch.device | str) -> str:
-    """The device in words, as run records give it; on a CPU the threads torch computes with out of those present
-    (two runs sharing a 2-core machine read '1 of 2 threads': their times are not those of a run alone)."""
+    """The device in words, as run records give it; on a CPU its model and the threads torch computes with out
+    of those present (two runs sharing a 2-core machine read '1 of 2 threads': their times are not those of a
+    run alone). Records written before 2026-11-23 name the architecture ('x86_64') instead of the model."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return (f"CPU ({platform.processor() or platform.machine()}, "
-            f"{torch.get_num_threads()} of {os.cpu_count()} threads used)")
+    return f"CPU ({cpu_model()}, {torch.get_num_threads()} of {os.cpu_count()} threads used)"
 
 
 # ==================================================================================================

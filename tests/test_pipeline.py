@@ -5,6 +5,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -411,9 +412,17 @@ def test_device_description_names_the_threads_torch_uses():
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            assert H.describe_device("cpu").endswith(f", {threads} of {os.cpu_count()} threads used)")
+            assert H.describe_device("cpu") == f"CPU ({H.cpu_model()}, {threads} of {os.cpu_count()} threads used)"
     finally:
         torch.set_num_threads(before)
+
+
+def test_cpu_model_is_read_from_cpuinfo_and_falls_back_to_the_architecture():
+    """Machines of one kind (2 cores) differ in speed: run records name the CPU model, not only "x86_64"."""
+    cpuinfo = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC  7B13 64-Core Processor\nflags\t: fpu\n"
+    assert H.cpu_model(cpuinfo) == "AMD EPYC 7B13 64-Core Processor"
+    assert H.cpu_model("processor\t: 0\nmodel name\t:\n") == (platform.processor() or platform.machine())
+    assert H.cpu_model("") == (platform.processor() or platform.machine())
 
 
 def test_one_value_for_a_per_task_field_sets_every_task(monkeypatch):
