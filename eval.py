@@ -3,10 +3,12 @@
     python eval.py --weights runs/full/final.pt --data_root data --tasks all
     python eval.py --weights final.pt --data_root data --tasks det,seg --split test --out metrics.json
     python eval.py --weights final.pt --data_root data --save-predictions preds/
+    python eval.py --weights final.pt --data_root data --tasks det --score-thresh 0.001
 
 Prints mAP@[.5:.95], mAP@0.5, mIoU and Top-1. The checkpoint carries its config and class lists, so
 nothing else is needed. Every problem found before the evaluation (a missing or incompatible checkpoint,
-a bad data root, an unknown task, a device that is not there, an --out that cannot be written) ends with
+a bad data root, an unknown task, a device that is not there, an --out that cannot be written, a score
+threshold outside [0, 1)) ends with
 a one-line error and exit status 2. Detection classes of the checkpoint that the split has no category
 for are named in one line and left out of the mAP (or, with --strict-classes, end the run with status 2).
 """
@@ -38,6 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--flip-test", action=argparse.BooleanOptionalAction, default=None,
                    help="average the outputs on each image and its mirror image (default: as the checkpoint's run "
                         "scored it, its config's flip_test)")
+    p.add_argument("--score-thresh", type=float, default=None,
+                   help="detection peaks at or below this score are dropped before NMS (default: the checkpoint's "
+                        "config, score_thresh; 0 keeps the best 2 x max_dets peaks of each image)")
     p.add_argument("--strict-classes", action="store_true",
                    help="fail (status 2) when the split lacks a detection class of the checkpoint")
     return p.parse_args(argv)
@@ -99,6 +104,8 @@ def main(argv=None) -> dict:
     unknown = [t for t in tasks if t not in H.TASKS]
     if unknown or not tasks:
         fail(f"--tasks {args.tasks!r}: unknown task(s) {unknown}; use all or a comma list of {','.join(H.TASKS)}")
+    if args.score_thresh is not None and not 0.0 <= args.score_thresh < 1.0:
+        fail(f"--score-thresh {args.score_thresh}: a detection score threshold is in [0, 1)")
     device = check_device(args.device)
     check_writable(args.out, "--out")
     check_writable(args.save_predictions, "--save-predictions")
@@ -110,16 +117,20 @@ def main(argv=None) -> dict:
         cfg.batch_size = args.batch_size
     if args.flip_test is not None:
         cfg.flip_test = args.flip_test
+    if args.score_thresh is not None:
+        cfg.score_thresh = args.score_thresh
     data = load_data(args, tasks, payload)
     t0 = time.time()
     metrics = H.evaluate(model, data, cfg, device, tasks=tasks, keep_predictions=bool(args.save_predictions))
     predictions = metrics.pop("predictions", None)
     print(f"UniHead checkpoint {args.weights} | split {args.split} | {H.describe_device(device)} | "
-          f"flip test {'on' if cfg.flip_test else 'off'} | {time.time() - t0:.1f} s")
+          f"flip test {'on' if cfg.flip_test else 'off'}"
+          f"{f' | score threshold {cfg.score_thresh:g}' if 'det' in tasks else ''} | {time.time() - t0:.1f} s")
     names = {"det.map": "mAP@[.5:.95]", "det.map50": "mAP@0.5", "seg.miou": "mIoU", "cls.top1": "Top-1"}
     for key, value in H.headline(metrics).items():
         print(f"{names[key]:>14}: {value:.4f}")
-    result = {**metrics, "split": args.split, "weights": str(args.weights), "classes": payload["classes"]}
+    result = {**metrics, "split": args.split, "weights": str(args.weights), "classes": payload["classes"],
+              "scored_with": H.scoring_settings(cfg)}
     if args.out:
         H.write_json(result, Path(args.out))
         print(f"metrics written to {args.out}")

@@ -347,8 +347,27 @@ def test_eval_py_subset_of_tasks(smoke_run, tmp_path):
     assert "flip test off" in proc.stdout  # one pass: the run itself scored with the flip test
 
 
+def test_eval_py_score_threshold_keeps_only_higher_detections(smoke_run, tmp_path):
+    """--score-thresh overrides the checkpoint's: the detections kept at 0.3 are exactly those scored above 0.3
+    at 0 (the same peaks, NMS per class is unchanged by dropping lower ones), and the JSON says what scored it."""
+    weights, root = smoke_run["out"] / "final.pt", smoke_run["out"] / "synthetic_data"
+    kept = {}
+    for thresh in ("0", "0.3"):
+        proc = run_eval("--weights", weights, "--data_root", root, "--tasks", "det", "--device", "cpu",
+                        "--score-thresh", thresh, "--out", tmp_path / f"m{thresh}.json",
+                        "--save-predictions", tmp_path / f"p{thresh}")
+        assert proc.returncode == 0, proc.stderr
+        assert f"score threshold {float(thresh):g}" in proc.stdout
+        assert json.loads((tmp_path / f"m{thresh}.json").read_text())["scored_with"]["score_thresh"] == float(thresh)
+        kept[thresh] = json.loads((tmp_path / f"p{thresh}" / "detections.json").read_text())
+    key = lambda d: (d["image_id"], d["category_id"], tuple(round(v, 3) for v in d["bbox"]), round(d["score"], 6))
+    above = sorted(key(d) for d in kept["0"] if d["score"] > 0.3)
+    assert above and len(above) < len(kept["0"])  # the threshold acts on this model
+    assert sorted(key(d) for d in kept["0.3"]) == above
+
+
 EVAL_FAILURES = ["missing", "not_a_checkpoint", "bad_root", "bad_tasks", "missing_split", "unwritable_out",
-                 "unwritable_predictions", "bad_device"] + ([] if torch.cuda.is_available() else ["no_cuda"])
+                 "unwritable_predictions", "bad_device", "bad_score_thresh"] + ([] if torch.cuda.is_available() else ["no_cuda"])
 
 
 @pytest.mark.parametrize("case", EVAL_FAILURES)
@@ -365,6 +384,7 @@ def test_eval_py_fails_with_one_line_and_status_2(smoke_run, tmp_path, case):
             "unwritable_predictions": ["--weights", weights, "--data_root", root,
                                        "--save-predictions", tmp_path / "junk.pt" / "preds"],
             "bad_device": ["--weights", weights, "--data_root", root, "--device", "tpu9"],
+            "bad_score_thresh": ["--weights", weights, "--data_root", root, "--score-thresh", "1.5"],
             "no_cuda": ["--weights", weights, "--data_root", root, "--device", "cuda"]}[case]
     proc = run_eval(*args)
     assert proc.returncode == 2
