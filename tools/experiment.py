@@ -184,6 +184,16 @@ SECTIONS = {  # subfolder of results/experiments -> what its experiments compare
                     "method-redraw-tw3 were run by the notebook (with and without redraw_neck_head, no distillation "
                     "on the detection images or detection's own loss weighted 3; their records are converted from "
                     "the stage's done.json).",
+    "stage-chain": "Stages from their own start, both seeds, each pair at the same time with one PyTorch thread each "
+                   "(AMD EPYC 2-core CPU, 2026-11-23, the recipe of b42df27): s1-seg-seed0, -seed1: stage 1 "
+                   "(segmentation) from the ImageNet weights; s2-e20-*, s2-e30-*: the method's stage 2 (detection, "
+                   "replay and distillation of segmentation, 64 fresh channels, probe) from that seed's stage 1, for "
+                   "the profile's 20 epochs and for 30 (is the stage short of epochs? its val mAP of seed 0 still "
+                   "rose at epoch 20 in results/quick-seed0); s3-kddet1-*, s3-kddet2-*: the method's stage 3 "
+                   "(classification) from that seed's s2-e20 weights, detection's distillation on the replayed "
+                   "images at the profile's weight 1 and at 2 (does stage 3 lose detection for want of it?). The "
+                   "single-task baselines to read them against: results/quick-seed0, -seed1 (mAP 0.0278, 0.0250; "
+                   "seed 0 trained alone again on this CPU: 0.0266, results/experiments/pipeline-alone).",
     "width192": "Capacity: neck and head 192 channels instead of 128 (quick profile, seed 0, 256 px): stage 1 "
                 "(segmentation), the method's stage 2 from it, and detection alone, to compare with the published "
                 "seed-0 run's stage 1, stage 2 and single-task detection (results/quick-seed0).",
