@@ -8,9 +8,9 @@
 Prints mAP@[.5:.95], mAP@0.5, mIoU and Top-1. The checkpoint carries its config and class lists, so
 nothing else is needed. Every problem found before the evaluation (a missing or incompatible checkpoint,
 a bad data root, an unknown task, a device that is not there, an --out that cannot be written, a score
-threshold outside [0, 1)) ends with
-a one-line error and exit status 2. Detection classes of the checkpoint that the split has no category
-for are named in one line and left out of the mAP (or, with --strict-classes, end the run with status 2).
+threshold outside [0, 1)) ends with a one-line error and exit status 2. Detection classes of the checkpoint
+that the split has no category for are named in one line and left out of the mAP (or, with
+--strict-classes, end the run with status 2).
 """
 from __future__ import annotations
 
