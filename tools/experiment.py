@@ -192,8 +192,10 @@ SECTIONS = {  # subfolder of results/experiments -> what its experiments compare
                    "rose at epoch 20 in results/quick-seed0); s3-kddet1-*, s3-kddet2-*: the method's stage 3 "
                    "(classification) from that seed's s2-e20 weights, detection's distillation on the replayed "
                    "images at the profile's weight 1 and at 2 (does stage 3 lose detection for want of it?). The "
-                   "single-task baselines to read them against: results/quick-seed0, -seed1 (mAP 0.0278, 0.0250; "
-                   "seed 0 trained alone again on this CPU: 0.0266, results/experiments/pipeline-alone).",
+                   "single-task baselines to read them against: results/quick-seed0, -seed1 (mAP 0.0278, 0.0250 at 20 "
+                   "epochs; seed 0 trained alone again on this CPU: 0.0266, results/experiments/pipeline-alone); "
+                   "alone-e30-*: detection alone (the single-task baseline's seed and recipe) for 30 epochs, the "
+                   "baseline that s2-e30 would be held to.",
     "width192": "Capacity: neck and head 192 channels instead of 128 (quick profile, seed 0, 256 px): stage 1 "
                 "(segmentation), the method's stage 2 from it, and detection alone, to compare with the published "
                 "seed-0 run's stage 1, stage 2 and single-task detection (results/quick-seed0).",
