@@ -291,7 +291,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     # 256 px: 320 px gave single-task detection mAP 0.0418 against 0.0267 (20 epochs, results/experiments/det)
     # but costs 1.4x the time, and one seed's whole pipeline has to stay near an hour on a 2-core CPU
     # det 20 epochs: the method's stage 2 at 30, from the same stage-1 weights (results/experiments/stage-chain,
-    # 2026-11-23), mAP 0.0230 -> 0.0235 (seed 0) and 0.0227 -> 0.0261 (seed 1), the stage 1.5x longer; detection
+    # 2026-11-23), mAP 0.0230 -> 0.0235 (seed 0) and 0.0227 -> 0.0261 (seed 1), the stage ~1.4x longer; detection
     # alone at 30 (the baseline it would be held to, same CPU and date) 0.0326 and 0.0247 against the published 0.0278
     # and 0.0250 at 20: seed 0's gap to its baseline widens (15.5 % -> 28 %), so 20
     "quick": dict(out_dir="runs/quick", backbone="efficientnet-lite0", image_size=256, cls_image_size=160,
