@@ -366,8 +366,9 @@ def test_eval_py_score_threshold_keeps_only_higher_detections(smoke_run, tmp_pat
     assert sorted(key(d) for d in kept["0.3"]) == above
 
 
-EVAL_FAILURES = ["missing", "not_a_checkpoint", "bad_root", "bad_tasks", "missing_split", "unwritable_out",
-                 "unwritable_predictions", "bad_device", "bad_score_thresh"] + ([] if torch.cuda.is_available() else ["no_cuda"])
+EVAL_FAILURES = (["missing", "not_a_checkpoint", "bad_root", "bad_tasks", "missing_split", "unwritable_out",
+                  "unwritable_predictions", "bad_device", "bad_score_thresh"]
+                 + ([] if torch.cuda.is_available() else ["no_cuda"]))
 
 
 @pytest.mark.parametrize("case", EVAL_FAILURES)
