@@ -269,6 +269,33 @@ def test_later_stages_keep_neck_and_head_batchnorm_statistics(tiny_data):
     assert first.model is model
 
 
+def test_a_bf16_training_step_computes_in_bf16_and_keeps_fp32_weights(tiny_data):
+    """cpu_bf16 "on": the convolutions of a training step (stage's task, replay and the teacher's passes) run in
+    bf16, the losses come out finite fp32, and the weights, optimiser and EMA stay fp32 and move; with "off" the
+    same step computes in fp32. Evaluation outside the step is fp32 either way."""
+    for setting, dtype in (("on", torch.bfloat16), ("off", torch.float32)):
+        cfg = H.make_config("smoke", batch_size=4, replay_per_task=2, cpu_bf16=setting)
+        model = H.initial_model(cfg)
+        stage = H.make_stage(model, "det", tiny_data, cfg, earlier=["seg"], teacher=H.freeze_teacher(model),
+                             replay=True)
+        seen = []
+        hook = model.neck.fuse[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        weight = model.head.layers[0][0].weight.clone()
+        batch = H.batch_to_device(next(iter(stage.loader)), torch.device("cpu"), cfg.channels_last)
+        model.train()
+        terms = H.train_step(stage, batch, H.next_replay(stage))
+        assert seen == [dtype, dtype]  # the stage's batch and the replayed segmentation batch
+        assert {"det_heatmap", "replay_seg", "kd_seg", "replay_kd_seg"} <= set(terms)
+        assert all(math.isfinite(v) for v in terms.values())
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert all(v.dtype == torch.float32 for v in stage.ema.model.state_dict().values() if v.is_floating_point())
+        assert not torch.equal(weight, model.head.layers[0][0].weight)
+        seen.clear()
+        H.evaluate(model, {"seg": tiny_data["seg"]["val"]}, cfg, tasks=["seg"])
+        assert seen and set(seen) == {torch.float32}
+        hook.remove()
+
+
 def test_redrawn_stage_starts_from_the_initial_neck_and_head_and_keeps_the_backbone(tiny_data, tmp_path):
     """redraw_neck_head: the method's detection stage starts with neck and head as initial_model drew them (the
     backbone as stage 1 left it), trains their BatchNorm statistics live, and distils from the model before the

@@ -446,6 +446,30 @@ def test_cpu_model_is_read_from_cpuinfo_and_falls_back_to_the_architecture():
     assert H.cpu_model("") == (platform.processor() or platform.machine())
 
 
+def test_native_bf16_is_read_from_the_cpu_flags():
+    """cpu_bf16 "auto" trains in bf16 only where the CPU computes it in hardware (emulated bf16 is slower)."""
+    flags = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t: fpu sse avx512f avx512_bf16 avx512_vnni\n"
+    assert H.cpu_has_native_bf16(flags)
+    assert H.cpu_has_native_bf16("flags\t: fpu amx_tile amx_bf16\n")
+    assert not H.cpu_has_native_bf16("flags\t: fpu sse avx2 avx512f avx512bw\n")
+    assert not H.cpu_has_native_bf16("model name\t: x86_64\n")  # no flags line
+    assert not H.cpu_has_native_bf16("")
+
+
+def test_training_precision_follows_cpu_bf16_and_amp(monkeypatch):
+    """On a CPU: "on" bf16, "off" fp32, "auto" as the flags say; on CUDA fp16 with amp whatever cpu_bf16 says;
+    an unknown value is refused with its name."""
+    for native in (True, False):
+        monkeypatch.setattr(H, "cpu_has_native_bf16", lambda cpuinfo=None, native=native: native)
+        assert H.training_precision("cpu", H.make_config("smoke", cpu_bf16="on")) == "bf16"
+        assert H.training_precision("cpu", H.make_config("smoke", cpu_bf16="off")) == "fp32"
+        assert H.training_precision("cpu", H.make_config("smoke", cpu_bf16="auto")) == ("bf16" if native else "fp32")
+    assert H.training_precision("cuda", H.make_config("smoke", cpu_bf16="on")) == "fp16"
+    assert H.training_precision("cuda", H.make_config("smoke", amp=False)) == "fp32"
+    with pytest.raises(ValueError, match="cpu_bf16 must be 'on', 'off' or 'auto', not 'yes'"):
+        H.training_precision("cpu", H.make_config("smoke", cpu_bf16="yes"))
+
+
 def test_one_value_for_a_per_task_field_sets_every_task(monkeypatch):
     """A per-task dict field given one value (keyword, environment, or an older checkpoint that stored one figure
     where the field is now per task) holds that value for every task; a checkpoint's JSON lists come back as the
