@@ -421,11 +421,11 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
 def training_precision(device: torch.device | str, cfg: Config) -> str:
     """The number format training computes in on `device` under `cfg`: "fp16" (CUDA with amp), "bf16" (a CPU with
     cpu_bf16 "on", or "auto" and native bf16) or "fp32". Evaluation is fp16 on CUDA with amp, else fp32."""
+    if cfg.cpu_bf16 not in ("on", "off", "auto"):
+        raise ValueError(f"cpu_bf16 must be 'on', 'off' or 'auto', not {cfg.cpu_bf16!r}")
     device = torch.device(device)
     if device.type == "cuda":
         return "fp16" if cfg.amp else "fp32"
-    if cfg.cpu_bf16 not in ("on", "off", "auto"):
-        raise ValueError(f"cpu_bf16 must be 'on', 'off' or 'auto', not {cfg.cpu_bf16!r}")
     if device.type == "cpu" and (cfg.cpu_bf16 == "on" or (cfg.cpu_bf16 == "auto" and cpu_has_native_bf16())):
         return "bf16"
     return "fp32"

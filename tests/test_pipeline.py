@@ -466,8 +466,9 @@ def test_training_precision_follows_cpu_bf16_and_amp(monkeypatch):
         assert H.training_precision("cpu", H.make_config("smoke", cpu_bf16="auto")) == ("bf16" if native else "fp32")
     assert H.training_precision("cuda", H.make_config("smoke", cpu_bf16="on")) == "fp16"
     assert H.training_precision("cuda", H.make_config("smoke", amp=False)) == "fp32"
-    with pytest.raises(ValueError, match="cpu_bf16 must be 'on', 'off' or 'auto', not 'yes'"):
-        H.training_precision("cpu", H.make_config("smoke", cpu_bf16="yes"))
+    for device in ("cpu", "cuda"):
+        with pytest.raises(ValueError, match="cpu_bf16 must be 'on', 'off' or 'auto', not 'yes'"):
+            H.training_precision(device, H.make_config("smoke", cpu_bf16="yes"))
 
 
 def test_one_value_for_a_per_task_field_sets_every_task(monkeypatch):
