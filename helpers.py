@@ -270,8 +270,13 @@ class Config:
     # amx_bf16; emulated bf16 is slower than fp32). Evaluation stays fp32, so scores do not depend on the CPU.
     # Detection alone at 384 px, 20 epochs, seeds 0 / 1 (results/experiments/det384, bf16-384-* against flip-*):
     # mAP / mAP@0.5 0.0340 / 0.1154 and 0.0465 / 0.1210 in bf16 against 0.0379 / 0.1155 and 0.0419 / 0.1261 in
-    # fp32, last-epoch train loss 3.41 / 3.43 against 3.39 / 3.45: within the seeds' spread
-    cpu_bf16: str = "auto"
+    # fp32, last-epoch train loss 3.41 / 3.43 against 3.39 / 3.45: within the seeds' spread. Classification's stage
+    # from the same stage-2 weights (320 px, seed 0; results/experiments/stage3 s3-320-bf16*): mAP / mAP@0.5 / mIoU /
+    # top-1 0.0194 / 0.070 / 0.466 / 0.900 in bf16 against 0.0200 / 0.069 / 0.472 / 0.900 in fp32, 57 against 75 s
+    # an epoch (one thread each, side by side). "off" by default: the published quick runs trained in fp32, and a
+    # re-run of the profile trains as they did; "auto" for speed on such a CPU (seed 0's whole quick pipeline at
+    # 320 px trained 45.7 min in bf16 against 57.1 at 256 px in fp32; results/experiments/pipeline-alone)
+    cpu_bf16: str = "off"
     channels_last: bool = True
     num_workers: int = 2
     eval_every: int = 1  # epochs between val evaluations of the stage's own task (watched for the curves only)
@@ -300,7 +305,11 @@ PROFILES: dict[str, dict[str, Any]] = {
     # det 20 epochs: the method's stage 2 at 30, from the same stage-1 weights (results/experiments/stage-chain,
     # 2026-11-23), mAP 0.0230 -> 0.0235 (seed 0) and 0.0227 -> 0.0261 (seed 1), the stage ~1.4x longer; detection
     # alone at 30 (the baseline it would be held to, same CPU and date) 0.0326 and 0.0247 against the published 0.0278
-    # and 0.0250 at 20: seed 0's gap to its baseline widens (15.5 % -> 28 %), so 20
+    # and 0.0250 at 20: seed 0's gap to its baseline widens (15.5 % -> 28 %), so 20.
+    # 320 px with bf16 training (cpu_bf16 "auto"), seed 0's whole pipeline alone on the AMD EPYC (2026-11-23,
+    # results/experiments/pipeline-alone quick320-seed0-epyc-bf16): 45.7 min of training; single-task detection
+    # 0.0240 / 0.0721 (0.0278 / 0.0759 at 256), stage-2 end 0.0305 / 0.0962, final 0.0176 / 0.0675 / mIoU 0.470 /
+    # top-1 0.900 (detection 26.5 % under its baseline): no better than 256 px in this seed, so 256
     "quick": dict(out_dir="runs/quick", backbone="efficientnet-lite0", image_size=256, cls_image_size=160,
                   batch_size=8, epochs={"seg": 20, "det": 20, "cls": 12}, replay_per_task=4,
                   single_task_baselines=True, compare_naive=True, eval_every=2, num_workers=0, latency_runs=20),
@@ -310,7 +319,6 @@ PROFILES: dict[str, dict[str, Any]] = {
                   epochs={"seg": 8, "det": 16, "cls": 15}, lr=3e-3, backbone_lr=1e-3, replay_per_task=4,
                   warmup_epochs=0.5, num_workers=0, eval_every=1, checkpoint_every=2, latency_runs=5,
                   grow_neck_head={"det": 16},
-                  cpu_bf16="off",  # the tests' known answers hold on any CPU, with or without native bf16
                   cls_teacher_weight=0.0),  # the ImageNet classifier knows nothing of the synthetic shapes
 }
 
@@ -2730,7 +2738,7 @@ def run_sequence(cfg: Config, data: dict, strategy: str | None = None, upto: int
             round_fp16=cfg.final_fp16 and strategy == cfg.strategy and k == len(cfg.order) - 1)
         last = record["val"]
         rows.append(_scalar_metrics(last))
-        stages.append({key: record[key] for key in ("task", "epochs", "seconds", "trained_on") if key in record})
+        stages.append({key: record[key] for key in ("task", "epochs", "seconds", "trained_on", "precision") if key in record})
         print(f"[{strategy}] after {name}: " + ", ".join(f"{m}={v:.4f}" for m, v in headline(last).items())
               + f" | this call {(time.time() - t_start) / 60:.1f} min, trained "
               f"{sum(s['seconds'] for s in stages) / 60:.1f} min of a {cfg.time_budget_min:.0f} min budget")
@@ -2753,15 +2761,15 @@ def single_task_model(cfg: Config, data: dict, task: str, device: torch.device |
 def run_single_task_baselines(cfg: Config, data: dict) -> dict[str, dict]:
     """Each task trained alone from the same initial weights with the same epochs and learning rates.
     The first task's baseline is stage 1 itself (same data, init and budget), so it is not trained twice.
-    Returns per task its metric ('value') and training record ('epochs', 'seconds', 'trained_on'; the first
-    task's are stage 1's and counted there)."""
+    Returns per task its metric ('value') and training record ('epochs', 'seconds', 'trained_on', 'precision';
+    the first task's are stage 1's and counted there)."""
     device = pick_device(cfg)
     first = run_sequence(cfg, data, cfg.strategy, upto=1)
     baselines = {cfg.order[0]: {"value": first["matrix"][0][TASK_METRIC[cfg.order[0]]], "stage": "stage 1"}}
     for task in cfg.order[1:]:
         _, record = single_task_model(cfg, data, task, device)
         baselines[task] = {"value": record["val"][TASK_METRIC[task]],
-                           **{key: record[key] for key in ("epochs", "seconds", "trained_on") if key in record}}
+                           **{key: record[key] for key in ("epochs", "seconds", "trained_on", "precision") if key in record}}
     return baselines
 
 
@@ -3132,9 +3140,16 @@ NOT_RECORDED = "not recorded"  # a stage trained before its record named the dev
 
 
 def training_devices(results: dict, cfg: Config | dict) -> dict[str, list[str]]:
-    """Where each group of `training_runs` ran: the distinct devices their records name."""
+    """Where each group of `training_runs` ran: the distinct devices their records name, each with the number
+    format it trained in (`training_precision`) where the record gives it, e.g. 'CPU (AMD EPYC, 2 of 2 threads
+    used), bf16 training'."""
     cfg = cfg if isinstance(cfg, dict) else cfg.to_dict()
-    return {group: sorted({r.get("trained_on", NOT_RECORDED) for r in records})
+
+    def where(record: dict) -> str:
+        if "trained_on" not in record:
+            return NOT_RECORDED
+        return record["trained_on"] + (f", {record['precision']} training" if "precision" in record else "")
+    return {group: sorted({where(r) for r in records})
             for group, records in training_runs(results, cfg).items() if records}
 
 
@@ -3284,7 +3299,9 @@ def _report_method(ctx: dict) -> list[str]:
             f"AdamW, linear warm-up then cosine decay; head/neck lr {cfg['lr']}, backbone lr {cfg['backbone_lr']}, "
             f"weight decay {cfg['weight_decay']}, scaled per task by {cfg['lr_scale']}; batch {cfg['batch_size']}; "
             f"input {cfg['image_size']} px (classification {cfg['cls_image_size']} px); augmentation {cfg.get('augment')}; "
-            f"gradient clipping at {cfg['grad_clip']}; AMP and channels_last on CUDA. "
+            f"gradient clipping at {cfg['grad_clip']}; channels_last; training in "
+            f"{ctx['meta'].get('precision', NOT_RECORDED)} (fp16 autocast on CUDA; on a CPU bf16 autocast "
+            f"where cpu_bf16 allows it, else fp32; evaluation fp32 on a CPU). "
             f"Every stage ends with its last epoch{' (the moving average of its weights, decay ' + str(cfg['ema_decay']) + ')' if cfg.get('ema_decay') else ''}: "
             "within a run, val is watched for the curves and never used to choose an epoch, a mix or a weight "
             "(the recipe's defaults are another matter: see Limitations).", "",

@@ -552,10 +552,11 @@ def test_training_time_totals_name_every_run(smoke_run):
 
 def test_report_names_where_each_group_of_runs_trained(smoke_run, tmp_path):
     """Training may run elsewhere than the latency measurement (another machine, a CPU shared with a second run):
-    each group's stage records name their device and the report prints them; a stage trained before records named
-    it says 'not recorded' instead of borrowing the latency's device."""
+    each group's stage records name their device and number format and the report prints them; a stage trained
+    before records named it says 'not recorded' instead of borrowing the latency's device, and one from before
+    they named the format gives the device alone."""
     import shutil
-    here = H.describe_device("cpu")
+    here = H.describe_device("cpu") + ", fp32 training"  # the smoke profile trains in fp32 on any CPU
     assert smoke_run["resources"]["train_devices"] == {"method": [here], "single_task_baselines": [here],
                                                        "naive_ablation": [here]}
     assert f"| naive ablation trained on | {here} |" in (smoke_run["out"] / "report.md").read_text()
@@ -564,8 +565,11 @@ def test_report_names_where_each_group_of_runs_trained(smoke_run, tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     del metrics["strategies"]["full"]["stages"][0]["trained_on"]  # stage 1 as an older run recorded it
     metrics["strategies"]["full"]["stages"][2]["trained_on"] = "CPU (x86_64, 1 of 2 threads used)"
+    del metrics["strategies"]["full"]["stages"][2]["precision"]  # from before records named the format
+    metrics["strategies"]["naive"]["stages"][-1]["precision"] = "bf16"
     devices = H.training_devices(metrics, smoke_run["cfg"])
     assert devices["method"] == sorted(["not recorded", here, "CPU (x86_64, 1 of 2 threads used)"])
+    assert devices["naive_ablation"] == sorted([here, here.replace("fp32", "bf16")])
     res = {**json.loads((run / "resources.json").read_text()), "train_devices": devices}
     H.write_json(res, run / "resources.json")
     assert f"| method trained on | {'; '.join(devices['method'])} |" in H.write_report(run, run / "r.md").read_text()

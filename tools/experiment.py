@@ -148,7 +148,7 @@ SECTIONS = {  # subfolder of results/experiments -> what its experiments compare
               "head's learning rate and the backbone's doubled (lr2x), the backbone's stochastic depth off (dc0). flip-seed0, "
               "flip-seed1: the recipe of 2026-11-23 (flip test at evaluation, the default since 185e3c9), the two seeds "
               "trained at the same time with one PyTorch thread each. bf16-384-seed0, bf16-384-seed1: the same, trained in "
-              "bf16 autocast on an AMD EPYC with avx512_bf16 (cpu_bf16, default 'auto'; from a worktree of a67973f "
+              "bf16 autocast on an AMD EPYC with avx512_bf16 (cpu_bf16 'auto' as it was then by default; from a worktree of a67973f "
               "carrying the cpu_bf16 change as it landed; evaluation in fp32 as before).",
     "seg": "Single-task segmentation (stage 1), quick profile at 256 px, 20 epochs: augmentation.",
     "stage2": "Detection as stage 2 after segmentation (from the same stage-1 weights, 256 px): the method's levers; "
@@ -171,7 +171,10 @@ SECTIONS = {  # subfolder of results/experiments -> what its experiments compare
               "4a6e23c, which replaced it with the notebook's re-run of this stage at 2; final.pt is scored in fp16, "
               "these in fp32). s0-, s1-replayw2-kddet05: the same with detection's distillation on the replayed "
               "images at half weight (kd_weight det 0.5, which acts only in this stage). s0-, s1-replayw4: the "
-              "same start and threads, the replayed tasks' own losses weighted 4 instead of 2.",
+              "same start and threads, the replayed tasks' own losses weighted 4 instead of 2. s3-320-bf16on-seed0, "
+              "s3-320-bf16off-seed0: from the stage-2 weights of the 320 px pipeline of seed 0 (pipeline-alone "
+              "quick320-seed0-epyc-bf16; stage-2 end mAP 0.0305 / mAP@0.5 0.0962 / mIoU 0.4688), training in bf16 "
+              "and in fp32 (cpu_bf16 on / off), side by side with one thread each, from a worktree of 7ca5bf7.",
     "stage2-start": "Why detection as stage 2 learns slower than detection alone: detection from the published seed-0 "
                     "stage-1 weights (256 px, 20 epochs) with parts of them put back to the initial state (the "
                     "ImageNet backbone; the neck and head drawn with the seed; all three reset is detection alone). "
