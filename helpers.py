@@ -2738,7 +2738,8 @@ def run_sequence(cfg: Config, data: dict, strategy: str | None = None, upto: int
             round_fp16=cfg.final_fp16 and strategy == cfg.strategy and k == len(cfg.order) - 1)
         last = record["val"]
         rows.append(_scalar_metrics(last))
-        stages.append({key: record[key] for key in ("task", "epochs", "seconds", "trained_on", "precision") if key in record})
+        stages.append({key: record[key] for key in ("task", "epochs", "seconds", "trained_on", "precision")
+                       if key in record})
         print(f"[{strategy}] after {name}: " + ", ".join(f"{m}={v:.4f}" for m, v in headline(last).items())
               + f" | this call {(time.time() - t_start) / 60:.1f} min, trained "
               f"{sum(s['seconds'] for s in stages) / 60:.1f} min of a {cfg.time_budget_min:.0f} min budget")
@@ -2769,7 +2770,8 @@ def run_single_task_baselines(cfg: Config, data: dict) -> dict[str, dict]:
     for task in cfg.order[1:]:
         _, record = single_task_model(cfg, data, task, device)
         baselines[task] = {"value": record["val"][TASK_METRIC[task]],
-                           **{key: record[key] for key in ("epochs", "seconds", "trained_on", "precision") if key in record}}
+                           **{key: record[key] for key in ("epochs", "seconds", "trained_on", "precision")
+                              if key in record}}
     return baselines
 
 
@@ -2850,7 +2852,8 @@ def run_metadata(cfg: Config, device: torch.device, model: UniHeadNet, data: dic
     """Where, when and on what a run ran: device, profile, date, seed, model, and the data's facts the report
     states (split sizes, classes, train/val overlaps)."""
     return {"device": describe_device(device), "precision": training_precision(device, cfg), "profile": cfg.profile,
-            "date": _dt.date.today().isoformat(), "seed": cfg.seed, "backbone": cfg.backbone, "image_size": cfg.image_size, "synthetic": cfg.synthetic,
+            "date": _dt.date.today().isoformat(), "seed": cfg.seed, "backbone": cfg.backbone,
+            "image_size": cfg.image_size, "synthetic": cfg.synthetic,
             "torch": torch.__version__, "parameters": count_parameters(model), "det_classes": cfg.det_classes,
             "data": {task: {"counts": {s: len(d) for s, d in by_split.items()},
                             "overlap": split_overlap(by_split["train"], by_split["val"]) if "val" in by_split else [],
@@ -3139,6 +3142,14 @@ def training_seconds(results: dict, cfg: Config | dict) -> dict[str, float]:
 NOT_RECORDED = "not recorded"  # a stage trained before its record named the device (2026-11-23)
 
 
+def recorded_precision(meta: dict) -> str:
+    """The training precision a run's metadata records; a run from before the field (cpu_bf16, 2026-11-23) trained
+    on a CPU in fp32, there being no other way then, and elsewhere is 'not recorded'."""
+    if "precision" in meta:
+        return meta["precision"]
+    return "fp32" if str(meta.get("device", "")).startswith("CPU") else NOT_RECORDED
+
+
 def training_devices(results: dict, cfg: Config | dict) -> dict[str, list[str]]:
     """Where each group of `training_runs` ran: the distinct devices their records name, each with the number
     format it trained in (`training_precision`) where the record gives it, e.g. 'CPU (AMD EPYC, 2 of 2 threads
@@ -3300,7 +3311,7 @@ def _report_method(ctx: dict) -> list[str]:
             f"weight decay {cfg['weight_decay']}, scaled per task by {cfg['lr_scale']}; batch {cfg['batch_size']}; "
             f"input {cfg['image_size']} px (classification {cfg['cls_image_size']} px); augmentation {cfg.get('augment')}; "
             f"gradient clipping at {cfg['grad_clip']}; channels_last; training in "
-            f"{ctx['meta'].get('precision', NOT_RECORDED)} (fp16 autocast on CUDA; on a CPU bf16 autocast "
+            f"{recorded_precision(ctx['meta'])} (fp16 autocast on CUDA; on a CPU bf16 autocast "
             f"where cpu_bf16 allows it, else fp32; evaluation fp32 on a CPU). "
             f"Every stage ends with its last epoch{' (the moving average of its weights, decay ' + str(cfg['ema_decay']) + ')' if cfg.get('ema_decay') else ''}: "
             "within a run, val is watched for the curves and never used to choose an epoch, a mix or a weight "

@@ -471,6 +471,15 @@ def test_training_precision_follows_cpu_bf16_and_amp(monkeypatch):
             H.training_precision(device, H.make_config("smoke", cpu_bf16="yes"))
 
 
+def test_recorded_precision_reads_the_field_and_dates_older_cpu_runs_to_fp32():
+    """The report's schedule line: the run's own record; a CPU run from before the field trained in fp32 (the only
+    way then); anything else without the field is 'not recorded', never guessed."""
+    assert H.recorded_precision({"device": "CPU (AMD EPYC, 2 of 2 threads used)", "precision": "bf16"}) == "bf16"
+    assert H.recorded_precision({"device": "CPU (x86_64, 2 of 2 threads used)"}) == "fp32"
+    assert H.recorded_precision({"device": "Tesla T4"}) == "not recorded"
+    assert H.recorded_precision({}) == "not recorded"
+
+
 def test_one_value_for_a_per_task_field_sets_every_task(monkeypatch):
     """A per-task dict field given one value (keyword, environment, or an older checkpoint that stored one figure
     where the field is now per task) holds that value for every task; a checkpoint's JSON lists come back as the
