@@ -96,7 +96,8 @@ def run(args: argparse.Namespace) -> dict:
               "expert": args.expert,
               "overrides": overrides,
               "profile": cfg.profile, "seed": cfg.seed, "device": H.describe_device(device),
-              "precision": record["precision"], "date": dt.date.today().isoformat(), "commit": git_commit(), "config": cfg.to_dict(),
+              "precision": record["precision"], "date": dt.date.today().isoformat(), "commit": git_commit(),
+              "config": cfg.to_dict(),
               "metrics": {k: v for k, v in metrics.items() if not isinstance(v, list)},
               "naive": args.naive,
               "train_images_per_s": steps * images_per_step(cfg, earlier, replay) / train_seconds,
@@ -147,9 +148,9 @@ SECTIONS = {  # subfolder of results/experiments -> what its experiments compare
               "each of two seeds): the recipe of the day (seed0, seed1), then one factor changed on it: the neck's and "
               "head's learning rate and the backbone's doubled (lr2x), the backbone's stochastic depth off (dc0). flip-seed0, "
               "flip-seed1: the recipe of 2026-11-23 (flip test at evaluation, the default since 185e3c9), the two seeds "
-              "trained at the same time with one PyTorch thread each. bf16-384-seed0, bf16-384-seed1: the same, trained in "
-              "bf16 autocast on an AMD EPYC with avx512_bf16 (cpu_bf16 'auto' as it was then by default; from a worktree of a67973f "
-              "carrying the cpu_bf16 change as it landed; evaluation in fp32 as before).",
+              "trained at the same time with one PyTorch thread each. bf16-384-seed0, bf16-384-seed1: the same, "
+              "trained in bf16 autocast on an AMD EPYC with avx512_bf16 (cpu_bf16 'auto' as it was then by default; "
+              "from a worktree of a67973f carrying the cpu_bf16 change as it landed; evaluation in fp32 as before).",
     "seg": "Single-task segmentation (stage 1), quick profile at 256 px, 20 epochs: augmentation.",
     "stage2": "Detection as stage 2 after segmentation (from the same stage-1 weights, 256 px): the method's levers; "
               "seg.miou is the earlier task kept.",
