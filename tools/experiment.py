@@ -175,7 +175,10 @@ SECTIONS = {  # subfolder of results/experiments -> what its experiments compare
               "same start and threads, the replayed tasks' own losses weighted 4 instead of 2. s3-320-bf16on-seed0, "
               "s3-320-bf16off-seed0: from the stage-2 weights of the 320 px pipeline of seed 0 (pipeline-alone "
               "quick320-seed0-epyc-bf16; stage-2 end mAP 0.0305 / mAP@0.5 0.0962 / mIoU 0.4688), training in bf16 "
-              "and in fp32 (cpu_bf16 on / off), side by side with one thread each, from a worktree of 7ca5bf7.",
+              "and in fp32 (cpu_bf16 on / off), side by side with one thread each, from a worktree of 7ca5bf7. "
+              "s3-320-cls224-seed0, s3-320-kddet2-seed0: the same start in bf16, classification's images at 224 px "
+              "instead of 160, and detection's distillation on its replayed images at 2 (kd_weight det), side by side "
+              "with one thread each, from a worktree of 97eba6d.",
     "stage2-start": "Why detection as stage 2 learns slower than detection alone: detection from the published seed-0 "
                     "stage-1 weights (256 px, 20 epochs) with parts of them put back to the initial state (the "
                     "ImageNet backbone; the neck and head drawn with the seed; all three reset is detection alone). "
