@@ -272,10 +272,11 @@ class Config:
     # mAP / mAP@0.5 0.0340 / 0.1154 and 0.0465 / 0.1210 in bf16 against 0.0379 / 0.1155 and 0.0419 / 0.1261 in
     # fp32, last-epoch train loss 3.41 / 3.43 against 3.39 / 3.45: within the seeds' spread. Classification's stage
     # from the same stage-2 weights (320 px, seed 0; results/experiments/stage3 s3-320-bf16*): mAP / mAP@0.5 / mIoU /
-    # top-1 0.0194 / 0.070 / 0.466 / 0.900 in bf16 against 0.0200 / 0.069 / 0.472 / 0.900 in fp32, 57 against 75 s
-    # an epoch (one thread each, side by side). "off" by default: the published quick runs trained in fp32, and a
-    # re-run of the profile trains as they did; "auto" for speed on such a CPU (seed 0's whole quick pipeline at
-    # 320 px trained 45.7 min in bf16 against 57.1 at 256 px in fp32; results/experiments/pipeline-alone)
+    # top-1 0.0194 / 0.070 / 0.466 / 0.900 in bf16 against 0.0200 / 0.069 / 0.472 / 0.900 in fp32, 59 against 70 s
+    # an epoch (mean train_seconds of their log.csv; one thread each, side by side). "off" by default: the published
+    # quick runs trained in fp32, and a re-run of the profile trains as they did; "auto" for speed on such a CPU
+    # (seed 0's whole quick pipeline at 320 px trained 45.7 min in bf16 against 57.1 at 256 px in fp32;
+    # results/experiments/pipeline-alone)
     cpu_bf16: str = "off"
     channels_last: bool = True
     num_workers: int = 2
