@@ -405,26 +405,34 @@ def _proc_cpuinfo() -> str:
         return ""
 
 
+def _cpuinfo_field(cpuinfo: str, name: str) -> str:
+    """The first non-empty value of field `name` in a /proc/cpuinfo text, whitespace collapsed; '' if none."""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == name and value.strip():
+            return " ".join(value.split())
+    return ""
+
+
 def cpu_model(cpuinfo: str | None = None) -> str:
     """The CPU's model name as Linux's /proc/cpuinfo gives it (read there when `cpuinfo` is None), else what
     `platform` knows (on Linux only the architecture, 'x86_64'): two machines of one kind can differ in speed."""
-    cpuinfo = _proc_cpuinfo() if cpuinfo is None else cpuinfo
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and value.strip():
-            return " ".join(value.split())
-    return platform.processor() or platform.machine()
+    model = _cpuinfo_field(_proc_cpuinfo() if cpuinfo is None else cpuinfo, "model name")
+    return model or platform.processor() or platform.machine()
 
 
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether the CPU computes bfloat16 in hardware: /proc/cpuinfo's flags (read there when `cpuinfo` is None)
-    name avx512_bf16 or amx_bf16. False where the flags cannot be read."""
-    cpuinfo = _proc_cpuinfo() if cpuinfo is None else cpuinfo
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return bool({"avx512_bf16", "amx_bf16"} & set(value.split()))
-    return False
+    """Whether the CPU computes bfloat16 in hardware: /proc/cpuinfo's flags (this machine's, decided once, when
+    `cpuinfo` is None) name avx512_bf16 or amx_bf16. False where the flags cannot be read."""
+    if cpuinfo is None:
+        return _native_bf16_here()
+    return bool({"avx512_bf16", "amx_bf16"} & set(_cpuinfo_field(cpuinfo, "flags").split()))
+
+
+@lru_cache(maxsize=1)
+def _native_bf16_here() -> bool:
+    """This machine's answer, parsed once: every training step asks (`training_autocast`)."""
+    return cpu_has_native_bf16(_proc_cpuinfo())
 
 
 def training_precision(device: torch.device | str, cfg: Config) -> str:
