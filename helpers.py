@@ -260,6 +260,17 @@ class Config:
     # classifiers 0.917 -> 0.933 and 0.917 -> 0.917. A checkpoint written before this field existed is scored
     # without it (see `config_from_checkpoint`)
     flip_test: bool = True
+    # side of the images scored (val, eval.py, the figures) against image_size, per dense task: each image is resized
+    # to image_size * eval_scale (a multiple of 32) before the forward pass; training is unchanged. 1.25 is the top
+    # of the training scale jitter, so objects are never larger than training showed them, and small COCO objects
+    # cover more stride-8 cells. Detection at 256 -> 320 px on the same weights (quick profile, fp32 checkpoints of
+    # 2026-11-23, flip test; results/experiments/eval-scale): detection alone, 30 epochs, seeds 0 / 1, mAP 0.0349 ->
+    # 0.0443 and 0.0188 -> 0.0263, mAP@0.5 0.105 -> 0.126 and 0.068 -> 0.096; the method's stage 2 0.0230 -> 0.0340
+    # and 0.0227 -> 0.0270, mAP@0.5 0.072 -> 0.114 and 0.076 -> 0.109; the published seed-0 final.pt 0.0239 ->
+    # 0.0262, 0.073 -> 0.093. Segmentation loses at 320 (final.pt mIoU 0.481 -> 0.468): 1. A fixed rule, the same
+    # for every model of a run (baselines included), never chosen per run on val. A checkpoint written before
+    # this field existed is scored at image_size (see `config_from_checkpoint`)
+    eval_scale: dict[str, float] = field(default_factory=lambda: {"det": 1.25, "seg": 1.0})
     final_fp16: bool = True  # final.pt stores fp16 weights (half the size); the final model is scored as stored
     # machinery
     seed: int = 0
@@ -1002,6 +1013,20 @@ NORMALIZATION = {  # (mean, std) each backbone's ImageNet weights were trained w
     "efficientnet-b0": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "efficientnet-lite0": ((0.498, 0.498, 0.498), (0.502, 0.502, 0.502)),  # TF-Lite models: (x - 127) / 128
 }
+
+
+UNSCALED_EVAL = {"det": 1.0, "seg": 1.0}  # eval_scale of a run from before the field: scored at image_size
+
+
+def eval_side(cfg: Config, task: str) -> int:
+    """Square side a dense task's images are scored at: image_size * eval_scale[task], the nearest multiple of 32
+    (the backbone's stride), at least 32."""
+    return max(32, round(cfg.image_size * cfg.eval_scale.get(task, 1.0) / 32) * 32)
+
+
+def latency_side(cfg: Config) -> int:
+    """Side the assignment's 512x512 image is timed at: 512, or the larger side a task resizes it to (eval_scale)."""
+    return max(512, *(round(512 * cfg.eval_scale.get(t, 1.0) / 32) * 32 for t in ("det", "seg")))
 
 
 def dense_transform(size: int, train: bool, *, backbone: str = "efficientnet-b0", augment: str = "strong",
@@ -1960,7 +1985,8 @@ TASK_TABLE: dict[str, Task] = {  # in the order of the head's output channels
         mirrored_channels={"det_box": [2, 1, 0, 3]},
         input_size=lambda cfg: cfg.image_size,
         transform=lambda cfg, train: dense_transform(
-            cfg.image_size, train, backbone=cfg.backbone, augment=cfg.augment.get("det", "strong"),
+            cfg.image_size if train else eval_side(cfg, "det"), train, backbone=cfg.backbone,
+            augment=cfg.augment.get("det", "strong"),
             scale_jitter=tuple(cfg.scale_jitter), crop_scale_min=cfg.crop_scale_min, zoom_out_p=cfg.zoom_out_p,
             sanitize_boxes=True),
         transform_inputs=_detection_inputs, targets=_detection_targets, ragged=("boxes", "labels"),
@@ -1981,7 +2007,8 @@ TASK_TABLE: dict[str, Task] = {  # in the order of the head's output channels
         read_outputs=lambda cut, box_scale: {"seg": cut["seg"]},
         input_size=lambda cfg: cfg.image_size,
         transform=lambda cfg, train: dense_transform(
-            cfg.image_size, train, backbone=cfg.backbone, augment=cfg.augment.get("seg", "strong"),
+            cfg.image_size if train else eval_side(cfg, "seg"), train, backbone=cfg.backbone,
+            augment=cfg.augment.get("seg", "strong"),
             scale_jitter=tuple(cfg.scale_jitter), crop_scale_min=cfg.crop_scale_min, zoom_out_p=cfg.zoom_out_p),
         transform_inputs=_segmentation_inputs,
         targets=lambda out, s, cfg: {"mask": out["mask"].as_subclass(torch.Tensor).long()},
@@ -2095,6 +2122,8 @@ def config_from_checkpoint(payload: dict) -> Config:
     _layer(fields, {k: v for k, v in payload["config"].items() if k in fields})
     if "flip_test" not in payload["config"]:
         fields["flip_test"] = False  # written before the flip test existed: scored as its run scored it
+    if "eval_scale" not in payload["config"]:
+        fields["eval_scale"] = dict(UNSCALED_EVAL)  # written before eval_scale existed: scored at image_size
     cfg = Config(**fields)
     cfg.det_classes = payload["classes"]["det"]
     return cfg
@@ -2658,7 +2687,7 @@ def _scalar_metrics(metrics: dict) -> dict:
 def scoring_settings(cfg: Config) -> dict:
     """The settings that decide a trained model's scores (not its training): what a stage record was scored with."""
     return {"flip_test": cfg.flip_test, "score_thresh": cfg.score_thresh, "max_dets": cfg.max_dets,
-            "nms_iou": cfg.nms_iou}
+            "nms_iou": cfg.nms_iou, "eval_sides": {t: eval_side(cfg, t) for t in ("det", "seg")}}
 
 
 def run_stage_cached(model: UniHeadNet, task: str, data: dict, cfg: Config, stage_dir: Path, *,
@@ -2675,7 +2704,9 @@ def run_stage_cached(model: UniHeadNet, task: str, data: dict, cfg: Config, stag
     if done.is_file() and weights.is_file():
         load_weights(model, weights)
         record, settings = json.loads(done.read_text()), scoring_settings(cfg)
-        scored_with = {**settings, "flip_test": False, **record.get("scored_with", {})}
+        # a record from before a setting existed was scored without it: no flip test, at image_size
+        unscaled = {t: cfg.image_size for t in settings["eval_sides"]}
+        scored_with = {**settings, "flip_test": False, "eval_sides": unscaled, **record.get("scored_with", {})}
         if scored_with == settings:
             print(f"[{train_kw.get('label', task)}] finished earlier: loaded {weights}")
             return record
@@ -3192,9 +3223,10 @@ def write_run_artifacts(cfg: Config, results: dict | None = None, data: dict | N
                        ("per_class", lambda p: plot_per_class(results["final"], path=p)),
                        ("predictions", lambda p: plot_predictions(model, {t: data[t] for t in cfg.order}, cfg, path=p))):
         plt.close(draw(figures / f"{name}{FIGURES[name]}"))
-    latency = [measure_latency(model, 512, 1, device, amp=False, runs=cfg.latency_runs, flip_test=cfg.flip_test)]
+    side = latency_side(cfg)
+    latency = [measure_latency(model, side, 1, device, amp=False, runs=cfg.latency_runs, flip_test=cfg.flip_test)]
     if device.type == "cuda":
-        latency.append(measure_latency(model, 512, 1, device, amp=True, runs=cfg.latency_runs, flip_test=cfg.flip_test))
+        latency.append(measure_latency(model, side, 1, device, amp=True, runs=cfg.latency_runs, flip_test=cfg.flip_test))
     stages = results["strategies"][cfg.strategy]["stages"]
     resources = {"device": describe_device(device), "date": _dt.date.today().isoformat(), "profile": cfg.profile,
                  "parameters": count_parameters(model), "head_layers": describe_head(model),
@@ -3482,6 +3514,12 @@ def _report_seeds(ctx: dict) -> list[str]:
     return lines + [""]
 
 
+def _resized_note(latency: list[dict]) -> str:
+    """' (resized to N px: ...)' when the latency was timed on the larger side a task scores 512 px images at."""
+    side = max((l.get("size", 512) for l in latency), default=512)
+    return f" (resized to {side} px, as detection scores it)" if side > 512 else ""
+
+
 def _report_resources(ctx: dict) -> list[str]:
     res = ctx["res"]
     seconds = res["train_seconds"]
@@ -3490,7 +3528,7 @@ def _report_resources(ctx: dict) -> list[str]:
                     f"p90 {l['p90_ms']:.1f}, {l['runs']} runs)" for l in res["latency_512"])
     return ["## Resources", "", f"_{ctx['stamp']}._", "", "| what | value |", "| --- | --- |",
             f"| parameters | {res['parameters']['total']:,} (limit 8M) |",
-            f"| latency, one 512x512 image, batch 1 | {lat} on {res['device']} |",
+            f"| latency, one 512x512 image, batch 1{_resized_note(res['latency_512'])} | {lat} on {res['device']} |",
             f"| training time of the method ({len(res['train_seconds_per_stage'])} stages) | {seconds['method'] / 60:.1f} min "
             f"({', '.join(f'{t} {v / 60:.1f}' for t, v in res['train_seconds_per_stage'].items())}) |",
             *([f"| training time of the method with the single-task models it distils from | "
