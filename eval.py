@@ -123,14 +123,16 @@ def main(argv=None) -> dict:
     t0 = time.time()
     metrics = H.evaluate(model, data, cfg, device, tasks=tasks, keep_predictions=bool(args.save_predictions))
     predictions = metrics.pop("predictions", None)
+    sides = H.scoring_settings(cfg, tasks)["eval_sides"]
     print(f"UniHead checkpoint {args.weights} | split {args.split} | {H.describe_device(device)} | "
           f"flip test {'on' if cfg.flip_test else 'off'}"
+          f"{''.join(f' | {t} images at {side} px' for t, side in sides.items())}"
           f"{f' | score threshold {cfg.score_thresh:g}' if 'det' in tasks else ''} | {time.time() - t0:.1f} s")
     names = {"det.map": "mAP@[.5:.95]", "det.map50": "mAP@0.5", "seg.miou": "mIoU", "cls.top1": "Top-1"}
     for key, value in H.headline(metrics).items():
         print(f"{names[key]:>14}: {value:.4f}")
     result = {**metrics, "split": args.split, "weights": str(args.weights), "classes": payload["classes"],
-              "scored_with": H.scoring_settings(cfg)}
+              "scored_with": H.scoring_settings(cfg, tasks)}
     if args.out:
         H.write_json(result, Path(args.out))
         print(f"metrics written to {args.out}")

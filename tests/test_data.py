@@ -577,6 +577,23 @@ def test_task_dataset_and_collate_shapes(synthetic_root):
             assert batch["label"].tolist() == [data["cls"]["train"].samples[i]["label"] for i in range(3)]
 
 
+def test_evaluation_images_are_resized_to_each_tasks_scored_side(synthetic_root):
+    """eval_scale: detection scores its images at image_size x 1.25 (rounded down to a multiple of 32),
+    segmentation at image_size; training keeps image_size either way."""
+    data = H.load_all(synthetic_root, tasks=["det", "seg"], verbose=False)
+    cfg = H.make_config("smoke", image_size=128, eval_scale={"det": 1.25, "seg": 1.0})
+    assert (H.eval_side(cfg, "det"), H.eval_side(cfg, "seg")) == (160, 128)
+    assert H.eval_side(H.make_config("quick"), "det") == 320 and H.eval_side(H.make_config("quick"), "seg") == 256
+    assert H.eval_side(H.make_config("quick", image_size=320), "det") == 384  # 400 -> 384: never above 1.25 x
+    assert H.eval_side(H.make_config("full"), "det") == 640 and H.eval_side(H.make_config("smoke"), "det") == 96
+    for task, scored in (("det", 160), ("seg", 128)):
+        for train, side in ((True, 128), (False, scored)):
+            sample = H.TaskDataset(data[task]["val"], cfg, train=train, indices=[0])[0]
+            assert tuple(sample["image"].shape[-2:]) == (side, side), (task, train)
+    assert H.scoring_settings(cfg, ["seg", "cls"])["eval_sides"] == {"seg": 128}
+    assert H.latency_side(H.make_config("quick")) == 512 and H.latency_side(H.make_config("full")) == 640
+
+
 def test_repeat_factors_known_answer():
     """LVIS repeat factors: classes in images [0,1], [0], [0], [2]; f = 3/4, 1/4, 1/4 at t = 0.5 gives
     r = 1, sqrt(2), sqrt(2); each image takes its largest r."""

@@ -203,6 +203,18 @@ def test_a_checkpoint_from_before_the_flip_test_is_scored_without_it(tmp_path, t
     assert not H.load_checkpoint(tmp_path / "old.pt")[1].flip_test
 
 
+def test_a_checkpoint_from_before_eval_scale_is_scored_at_its_image_size(tmp_path, tiny_data):
+    cfg = H.make_config("smoke", image_size=128)
+    model = H.build_model(cfg, backbone_weights="none")
+    path = H.save_checkpoint(tmp_path / "new.pt", model, cfg, H.data_classes(tiny_data))
+    assert H.eval_side(H.load_checkpoint(path)[1], "det") == 160  # 128 px x 1.25
+    payload = H.read_checkpoint(path)
+    del payload["config"]["eval_scale"]  # as every final.pt written before the field existed
+    torch.save(payload, tmp_path / "old.pt")
+    old = H.load_checkpoint(tmp_path / "old.pt")[1]
+    assert (H.eval_side(old, "det"), H.eval_side(old, "seg")) == (128, 128)
+
+
 def test_progress_prints_one_line_per_epoch_outside_a_notebook(capsys):
     progress = H.Progress("stage", epochs=3)
     for epoch in (1, 2, 3):
@@ -424,7 +436,7 @@ def test_a_finished_stage_scored_with_other_settings_is_scored_again_from_its_we
     stage = tmp_path / "stage1_seg"
     H.run_stage_cached(H.build_model(cfg, backbone_weights="none"), "seg", tiny_data, cfg, stage, eval_tasks=["seg"])
     first = json.loads((stage / "done.json").read_text())
-    assert first["scored_with"] == H.scoring_settings(cfg) and not first["scored_with"]["flip_test"]
+    assert first["scored_with"] == H.scoring_settings(cfg, ["seg"]) and not first["scored_with"]["flip_test"]
     calls = []
     real_evaluate = H.evaluate
     monkeypatch.setattr(H, "evaluate", lambda *a, **k: calls.append(k) or real_evaluate(*a, **k))
@@ -442,6 +454,10 @@ def test_a_finished_stage_scored_with_other_settings_is_scored_again_from_its_we
     expected = real_evaluate(model, {"seg": tiny_data["seg"]["val"]}, flip, tasks=["seg"])
     assert again["val"]["seg.miou"] == pytest.approx(expected["seg.miou"])
     assert json.loads((stage / "done.json").read_text()) == again
+    # segmentation scored on larger images: scored again; the record says at which side
+    larger = dataclasses.replace(flip, eval_scale={"det": 1.25, "seg": 4 / 3})
+    scaled = H.run_stage_cached(fresh(), "seg", tiny_data, larger, stage, eval_tasks=["seg"])
+    assert len(calls) == 2 and scaled["scored_with"]["eval_sides"] == {"seg": 128} and again["history"] == first["history"]
 
 
 def test_single_task_teacher_term_is_the_tasks_distillation_from_its_expert(tiny_data):

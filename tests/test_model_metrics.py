@@ -221,18 +221,21 @@ def test_decode_segmentation_returns_class_maps_at_original_size():
 # ==================================================================================================
 # detection targets: encode the ground truth, decode it, score it
 # ==================================================================================================
-def encode_decode(td: H.TaskData, size: int, **decode_kw) -> tuple[dict, list[dict]]:
-    """Ground truth through the eval transform, encode_detection_targets and decode_detections (the heatmap
-    target is already a probability map), back to COCO results in the dataset's own category ids."""
-    ds = H.TaskDataset(td, H.make_config("smoke", image_size=size), train=False)
+def encode_decode(td: H.TaskData, size: int, eval_scale: float = 1.0, **decode_kw) -> tuple[dict, list[dict]]:
+    """Ground truth through the eval transform (image_size `size`, detection scored at `eval_scale` x size),
+    encode_detection_targets and decode_detections (the heatmap target is already a probability map), back to
+    COCO results in the dataset's own category ids."""
+    cfg = H.make_config("smoke", image_size=size, eval_scale={"det": eval_scale})
+    ds, side = H.TaskDataset(td, cfg, train=False), H.eval_side(cfg, "det")
     results, per_image = [], []
     for i in range(len(ds)):
         s = ds[i]
-        enc = H.encode_detection_targets(s["boxes"], s["labels"], len(td.class_names), (size, size))
+        assert tuple(s["image"].shape[-2:]) == (side, side)
+        enc = H.encode_detection_targets(s["boxes"], s["labels"], len(td.class_names), (side, side))
         heat = enc["heatmap"]
         assert heat.min() >= 0 and heat.max() <= 1
         assert int((heat == 1).sum()) <= len(s["boxes"])  # one peak of 1.0 per object (fewer where centres collide)
-        det = H.decode_detections(heat[None], enc["box_target"][None], [s["orig_size"]], (size, size),
+        det = H.decode_detections(heat[None], enc["box_target"][None], [s["orig_size"]], (side, side),
                                   score_thresh=0.05, **decode_kw)[0]
         per_image.append(det)
         image_id = td.samples[s["index"]]["image_id"]
@@ -242,10 +245,12 @@ def encode_decode(td: H.TaskData, size: int, **decode_kw) -> tuple[dict, list[di
     return H.detection_metrics(td.coco_gt, results, td.class_names), per_image
 
 
-@pytest.mark.parametrize("split", ["val", "train"])
-def test_encode_decode_round_trip_synthetic(synthetic_root, split):
+@pytest.mark.parametrize("split, size, eval_scale", [("val", 96, 1.0), ("train", 96, 1.0), ("val", 128, 1.25)])
+def test_encode_decode_round_trip_synthetic(synthetic_root, split, size, eval_scale):
+    """Every box comes back to its original coordinates, at image_size and at the larger side eval_scale scores
+    detection at (128 x 1.25 = 160 px)."""
     td = H.load_all(synthetic_root, tasks=["det"], verbose=False)["det"][split]
-    m, _ = encode_decode(td, 96)
+    m, _ = encode_decode(td, size, eval_scale)
     assert m["map"] >= 0.99, m
     assert m["map50"] >= 0.99
 
@@ -268,7 +273,7 @@ def test_encode_decode_round_trip_real_val_512():
     assert m["map"] >= 0.99, m
     # without NMS, every box with a centre cell of its own is recovered with its label, IoU > 0.99
     _, dets = encode_decode(td, size, nms_iou=1.0)
-    ds = H.TaskDataset(td, H.make_config("smoke", image_size=size), train=False)
+    ds = H.TaskDataset(td, H.make_config("smoke", image_size=size, eval_scale={"det": 1.0}), train=False)
     checked = 0
     for i, det in enumerate(dets):
         resized = ds[i]["boxes"]

@@ -141,3 +141,31 @@ def test_experiment_refuses_an_expert_it_would_not_use(tmp_path):
     unweighted = run_tool("e2", "--task", "det", "--init", tmp_path / "w.pt", "--earlier", "seg", *common)
     assert unweighted.returncode != 0 and "--expert needs a weight for it" in unweighted.stderr
     assert not list(tmp_path.glob("*.json"))
+
+
+def test_score_only_scores_saved_weights_with_other_scoring_settings_and_refuses_training_fields(tmp_path,
+                                                                                                synthetic_root):
+    """--score-only: no training; the record's metrics are evaluate()'s on the checkpoint with the scoring field
+    changed (detection at 1.25 x 128 = 160 px), and a field that would change training is refused."""
+    import dataclasses
+    import helpers as H
+
+    cfg = H.make_config("smoke", image_size=128, eval_scale={"det": 1.0, "seg": 1.0})
+    data = H.load_all(synthetic_root, tasks=["det", "seg"], verbose=False)
+    weights = H.save_checkpoint(tmp_path / "w.pt", H.initial_model(cfg), cfg, H.data_classes(data))
+    proc = run_tool("w-det125", "--task", "det", "--earlier", "seg", "--score-only", weights,
+                    "--set", 'eval_scale={"det": 1.25}', "--data_root", synthetic_root, "--out", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads((tmp_path / "w-det125.json").read_text())
+    assert record["scored_only"] and record["history"] == [] and record["earlier"] == ["seg"]
+    assert record["scored_with"]["eval_sides"] == {"det": 160, "seg": 128}
+    assert record["config"]["eval_scale"] == {"det": 1.25, "seg": 1.0}  # partial dict layered on the checkpoint's
+    model, loaded, _ = H.load_checkpoint(weights)
+    expected = H.evaluate(model, {t: data[t]["val"] for t in ("det", "seg")},
+                          dataclasses.replace(loaded, eval_scale={"det": 1.25, "seg": 1.0}), tasks=["det", "seg"])
+    for key in ("det.map", "det.map50", "seg.miou"):
+        assert record["metrics"][key] == pytest.approx(expected[key]), key
+    assert "no training: " in run_tool("--table", tmp_path).stdout
+    refused = run_tool("w-lr", "--task", "det", "--score-only", weights, "--set", "lr=0.1",
+                       "--data_root", synthetic_root, "--out", tmp_path)
+    assert refused.returncode != 0 and "['lr'] are training fields" in refused.stderr
