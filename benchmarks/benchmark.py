@@ -72,7 +72,8 @@ def write_table(results_dir: Path, readme: Path) -> None:
         tr = r["training"]
         train = " / ".join(f"{tr[t]['images_per_s']:.1f}" for t in ("seg", "det", "cls") if t in tr)
         wall = f"{r['pipeline']['train_seconds']['method'] / 60:.1f}" if r.get("pipeline") else "n/a"
-        passes = "2 (flip test)" if lat[False].get("flip_test") else "1"
+        passes = ("2 (flip test)" if lat[False].get("flip_test") else "1") + (
+            f", run at {lat[False]['size']} px" if lat[False].get("size", 512) != 512 else "")
         lines.append(f"| {r['device']} | {r['date']} | {r['parameters']['total']:,} | {passes} | {lat[False]['median_ms']:.1f} | "
                      f"{amp} | {r['throughput']['images_per_s']:.1f} ({r['throughput']['batch']}) | {train} "
                      f"({r['train_image_size']} px) | {wall} |")
@@ -105,12 +106,13 @@ def main(argv=None) -> dict:
     device = H.pick_device(cfg)
     model = H.initial_model(cfg, device)
     H.grow_neck_head(model, H.final_width(cfg) - model.width)  # the size of the final model (see grow_neck_head)
-    latency = [H.measure_latency(model, 512, 1, device, amp=False, runs=args.runs, warmup=args.warmup,
+    side = H.latency_side(cfg)  # 512, or the larger side the config scores a 512 px image at (eval_scale)
+    latency = [H.measure_latency(model, side, 1, device, amp=False, runs=args.runs, warmup=args.warmup,
                                   flip_test=cfg.flip_test)]
     if device.type == "cuda":
-        latency.append(H.measure_latency(model, 512, 1, device, amp=True, runs=args.runs, warmup=args.warmup,
+        latency.append(H.measure_latency(model, side, 1, device, amp=True, runs=args.runs, warmup=args.warmup,
                                          flip_test=cfg.flip_test))
-    throughput = H.measure_latency(model, 512, args.batch, device, amp=device.type == "cuda",
+    throughput = H.measure_latency(model, side, args.batch, device, amp=device.type == "cuda",
                                    runs=max(2, args.runs // 10), warmup=min(args.warmup, 3), flip_test=cfg.flip_test)
     data = H.prepare_data(cfg, verbose=False)
     pipeline = [H.measure_input_pipeline(data[t]["train"], cfg) for t in H.TASKS]
