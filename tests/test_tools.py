@@ -165,7 +165,7 @@ def test_score_only_scores_saved_weights_with_other_scoring_settings_and_refuses
                           dataclasses.replace(loaded, eval_scale={"det": 1.25, "seg": 1.0}), tasks=["det", "seg"])
     for key in ("det.map", "det.map50", "seg.miou"):
         assert record["metrics"][key] == pytest.approx(expected[key]), key
-    assert "no training: " in run_tool("--table", tmp_path).stdout
+    assert f"no training: {weights} scored on {synthetic_root}'s val" in run_tool("--table", tmp_path).stdout
     refused = run_tool("w-lr", "--task", "det", "--score-only", weights, "--set", "lr=0.1",
                        "--data_root", synthetic_root, "--out", tmp_path)
     assert refused.returncode != 0 and "['lr'] are training fields" in refused.stderr

@@ -127,7 +127,7 @@ def score_only(args: argparse.Namespace) -> dict:
     data = {t: H.load_task(args.data_root, t, "val", payload["classes"][t]) for t in tasks}
     metrics = H.evaluate(model, data, cfg, tasks=tasks)
     result = {"name": args.name, "task": args.task, "init": args.score_only, "reset": "", "earlier": tasks[1:],
-              "expert": None, "overrides": overrides, "scored_only": True,
+              "expert": None, "overrides": overrides, "scored_only": True, "data_root": args.data_root,
               "scored_with": H.scoring_settings(cfg, tasks),
               "profile": cfg.profile, "seed": cfg.seed, "device": H.describe_device(next(model.parameters()).device),
               "date": dt.date.today().isoformat(), "commit": git_commit(), "config": cfg.to_dict(),
@@ -159,7 +159,9 @@ def table(folder: Path) -> str:
                             + (["no replay or distillation (naive)"] if r.get("naive") else [])
                             + ([f"{r['reset']} reset to the initial state"] if r.get("reset") else [])
                             + (["expert: the seed's single-task model"] if r.get("expert") else [])
-                            + ([f"no training: {r['init']} scored"] if r.get("scored_only") else [])
+                            + ([f"no training: {r['init']} scored" + (f" on {r['data_root']}'s val"
+                                                                         if "data_root" in r else "")]
+                               if r.get("scored_only") else [])
                             ) or "(profile defaults)"
         values = " | ".join(f"{r['metrics'][k]:.4f}" if r["metrics"].get(k) is not None else "" for k, _ in present)
         tail = watched_tail(r, H.TASK_METRIC[r["task"]])
