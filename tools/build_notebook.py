@@ -134,8 +134,8 @@ print("\n".join(H.describe_head(model)))
 print("output channels:", H.output_layout(cfg.num_det_classes))
 assert params["total"] < 8_000_000, "the assignment allows fewer than 8M parameters"
 assert 2 <= len(model.head.layers) <= 3, "the head must have 2 or 3 layers"
-latency = H.measure_latency(model, 512, 1, device, amp=False, runs=cfg.latency_runs, flip_test=cfg.flip_test)
-print(f"latency at 512x512, batch 1, fp32{', flip test (two passes)' if cfg.flip_test else ''}: "
+latency = H.measure_latency(model, H.latency_side(cfg), 1, device, amp=False, runs=cfg.latency_runs, flip_test=cfg.flip_test)
+print(f"latency at 512x512 (run at {latency['size']} px), batch 1, fp32{', flip test (two passes)' if cfg.flip_test else ''}: "
       f"{latency['median_ms']:.1f} ms median on {latency['device']}")
 del model
 """)
