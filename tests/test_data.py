@@ -583,15 +583,21 @@ def test_evaluation_images_are_resized_to_each_tasks_scored_side(synthetic_root)
     data = H.load_all(synthetic_root, tasks=["det", "seg"], verbose=False)
     cfg = H.make_config("smoke", image_size=128, eval_scale={"det": 1.25, "seg": 1.0})
     assert (H.eval_side(cfg, "det"), H.eval_side(cfg, "seg")) == (160, 128)
-    assert H.eval_side(H.make_config("quick"), "det") == 320 and H.eval_side(H.make_config("quick"), "seg") == 256
-    assert H.eval_side(H.make_config("quick", image_size=320), "det") == 384  # 400 -> 384: never above 1.25 x
-    assert H.eval_side(H.make_config("full"), "det") == 640 and H.eval_side(H.make_config("smoke"), "det") == 96
+    larger = {"det": 1.25}
+    assert H.eval_side(H.make_config("quick", eval_scale=larger), "det") == 320
+    assert H.eval_side(H.make_config("quick", eval_scale=larger), "seg") == 256  # a partial dict keeps seg's 1.0
+    assert H.eval_side(H.make_config("quick", image_size=320, eval_scale=larger), "det") == 384  # 400: never above
+    assert H.eval_side(H.make_config("full", eval_scale=larger), "det") == 640
+    assert H.eval_side(H.make_config("smoke", eval_scale=larger), "det") == 96  # 120 rounds down
+    assert H.eval_side(H.make_config("quick"), "det") == 256  # the default scores at the training side
     for task, scored in (("det", 160), ("seg", 128)):
         for train, side in ((True, 128), (False, scored)):
             sample = H.TaskDataset(data[task]["val"], cfg, train=train, indices=[0])[0]
             assert tuple(sample["image"].shape[-2:]) == (side, side), (task, train)
     assert H.scoring_settings(cfg, ["seg", "cls"])["eval_sides"] == {"seg": 128}
-    assert H.latency_side(H.make_config("quick")) == 512 and H.latency_side(H.make_config("full")) == 640
+    assert H.latency_side(H.make_config("quick", eval_scale=larger)) == 512  # its 320 px is below 512
+    assert H.latency_side(H.make_config("full", eval_scale=larger)) == 640
+    assert H.latency_side(H.make_config("full")) == 512
 
 
 def test_repeat_factors_known_answer():

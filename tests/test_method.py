@@ -204,10 +204,10 @@ def test_a_checkpoint_from_before_the_flip_test_is_scored_without_it(tmp_path, t
 
 
 def test_a_checkpoint_from_before_eval_scale_is_scored_at_its_image_size(tmp_path, tiny_data):
-    cfg = H.make_config("smoke", image_size=128)
+    cfg = H.make_config("smoke", image_size=128, eval_scale={"det": 1.25})
     model = H.build_model(cfg, backbone_weights="none")
     path = H.save_checkpoint(tmp_path / "new.pt", model, cfg, H.data_classes(tiny_data))
-    assert H.eval_side(H.load_checkpoint(path)[1], "det") == 160  # 128 px x 1.25
+    assert H.eval_side(H.load_checkpoint(path)[1], "det") == 160  # 128 px x 1.25, as its config says
     payload = H.read_checkpoint(path)
     del payload["config"]["eval_scale"]  # as every final.pt written before the field existed
     torch.save(payload, tmp_path / "old.pt")
