@@ -236,7 +236,13 @@ SECTIONS = {  # subfolder of results/experiments -> what its experiments compare
                    "single-task baselines to read them against: results/quick-seed0, -seed1 (mAP 0.0278, 0.0250 at 20 "
                    "epochs; seed 0 trained alone again on this CPU: 0.0266, results/experiments/pipeline-alone); "
                    "alone-e30-*: detection alone (the single-task baseline's seed and recipe) for 30 epochs, the "
-                   "baseline that s2-e30 would be held to.",
+                   "baseline that s2-e30 would be held to. s2-segreplay2-*: s2-e20 with the replayed segmentation "
+                   "labels weighted 2 (replay_weight det 2; from the stage-1 weights of the quick runs published on "
+                   "2026-11-23, bit for bit s1-seg-*), trained from the tree of 04d6cfb (the record names 1f28592, the "
+                   "commit when it ended) while eval_scale det 1.25 was the default, so its own record scores "
+                   "detection at 320 px; -det100: the same weights scored "
+                   "at 256 px like every other row (mAP 0.0181 / 0.0211 against s2-e20's 0.0230 / 0.0227, mIoU 0.489 "
+                   "/ 0.494 against 0.466 / 0.465): segmentation kept, detection pays.",
     "eval-scale": "Saved weights scored again with detection's (or segmentation's) images resized to 1.0 / 1.25 / 1.5 "
                   "x the training side (eval_scale; --score-only, no training; the first 17 records from the working "
                   "tree of ae8591d, where --score-only was not yet committed). s2-256-seed*: the stage-2 weights of "
