@@ -175,7 +175,7 @@ SECTIONS = {  # subfolder of results/experiments -> what its experiments compare
            "reference recipe, the reference with one factor reverted, then additions on top of the base recipe. "
            "e14-320-seed0: 320 px for 14 epochs instead of 256 px for 20, about the same training time (10.5 against "
            "10.9 min alone on the 2-core CPU; the profile's single-task detection of seed 0 scores 0.0278 / 0.0759 "
-           "at 256 px, results/quick-seed0).",
+           "at 256 px, results/quick-seed0 at 04d6cfb).",
     "det384": "Single-task detection at 384 px, 20 epochs (issue 10's criterion: mAP@0.5 >= 0.12 and mAP >= 0.04 in "
               "each of two seeds): the recipe of the day (seed0, seed1), then one factor changed on it: the neck's and "
               "head's learning rate and the backbone's doubled (lr2x), the backbone's stochastic depth off (dc0). flip-seed0, "
@@ -230,19 +230,19 @@ SECTIONS = {  # subfolder of results/experiments -> what its experiments compare
                    "(segmentation) from the ImageNet weights; s2-e20-*, s2-e30-*: the method's stage 2 (detection, "
                    "replay and distillation of segmentation, 64 fresh channels, probe) from that seed's stage 1, for "
                    "the profile's 20 epochs and for 30 (is the stage short of epochs? its val mAP of seed 0 still "
-                   "rose at epoch 20 in results/quick-seed0); s3-kddet1-*, s3-kddet2-*: the method's stage 3 "
-                   "(classification) from that seed's s2-e20 weights, detection's distillation on the replayed "
+                   "rose at epoch 20 in results/quick-seed0 at 04d6cfb); s3-kddet1-*, s3-kddet2-*: the method's stage"
+                   " 3 (classification) from that seed's s2-e20 weights, detection's distillation on the replayed "
                    "images at the profile's weight 1 and at 2 (does stage 3 lose detection for want of it?). The "
-                   "single-task baselines to read them against: results/quick-seed0, -seed1 (mAP 0.0278, 0.0250 at 20 "
-                   "epochs; seed 0 trained alone again on this CPU: 0.0266, results/experiments/pipeline-alone); "
-                   "alone-e30-*: detection alone (the single-task baseline's seed and recipe) for 30 epochs, the "
-                   "baseline that s2-e30 would be held to. s2-segreplay2-*: s2-e20 with the replayed segmentation "
-                   "labels weighted 2 (replay_weight det 2; from the stage-1 weights of the quick runs published on "
-                   "2026-11-23, bit for bit s1-seg-*), trained from the tree of 04d6cfb (the record names 1f28592, the "
-                   "commit when it ended) while eval_scale det 1.25 was the default, so its own record scores "
-                   "detection at 320 px; -det100: the same weights scored "
-                   "at 256 px like every other row (mAP 0.0181 / 0.0211 against s2-e20's 0.0230 / 0.0227, mIoU 0.489 "
-                   "/ 0.494 against 0.466 / 0.465): segmentation kept, detection pays.",
+                   "single-task baselines to read them against: results/quick-seed0, -seed1 at 04d6cfb (mAP 0.0278, "
+                   "0.0250 at 20 epochs; seed 0 trained alone again on this CPU: 0.0266, "
+                   "results/experiments/pipeline-alone); alone-e30-*: detection alone (the single-task baseline's "
+                   "seed and recipe) for 30 epochs, the baseline that s2-e30 would be held to. s2-segreplay2-*: "
+                   "s2-e20 with the replayed segmentation labels weighted 2 (replay_weight det 2; from the stage-1 "
+                   "weights of the quick runs published on 2026-11-23, bit for bit s1-seg-*), trained from the tree "
+                   "of 04d6cfb (the record names 1f28592, the commit when it ended) while eval_scale det 1.25 was the"
+                   " default, so its own record scores detection at 320 px; -det100: the same weights scored at 256 "
+                   "px like every other row (mAP 0.0181 / 0.0211 against s2-e20's 0.0230 / 0.0227, mIoU 0.489 / 0.494"
+                   " against 0.466 / 0.465): segmentation kept, detection pays.",
     "eval-scale": "Saved weights scored again with detection's (or segmentation's) images resized to 1.0 / 1.25 / 1.5 "
                   "x the training side (eval_scale; --score-only, no training; the first 17 records from the working "
                   "tree of ae8591d, where --score-only was not yet committed). s2-256-seed*: the stage-2 weights of "
@@ -257,7 +257,7 @@ SECTIONS = {  # subfolder of results/experiments -> what its experiments compare
                   "eval_scale stays 1.0 (weights of the last six in /tmp, not kept).",
     "width192": "Capacity: neck and head 192 channels instead of 128 (quick profile, seed 0, 256 px): stage 1 "
                 "(segmentation), the method's stage 2 from it, and detection alone, to compare with the published "
-                "seed-0 run's stage 1, stage 2 and single-task detection (results/quick-seed0).",
+                "seed-0 run's stage 1, stage 2 and single-task detection (results/quick-seed0 as published when they ran).",
 }
 
 
