@@ -257,7 +257,8 @@ SECTIONS = {  # subfolder of results/experiments -> what its experiments compare
                   "eval_scale stays 1.0 (weights of the last six in /tmp, not kept).",
     "width192": "Capacity: neck and head 192 channels instead of 128 (quick profile, seed 0, 256 px): stage 1 "
                 "(segmentation), the method's stage 2 from it, and detection alone, to compare with the published "
-                "seed-0 run's stage 1, stage 2 and single-task detection (results/quick-seed0 as published when they ran).",
+                "seed-0 run's stage 1, stage 2 and single-task detection (results/quick-seed0 as published when "
+                "they ran).",
 }
 
 
