@@ -603,6 +603,25 @@ def test_report_without_baselines_says_n_a_not_fail(smoke_run, tmp_path):
     assert "cannot say whether it passes" in text
 
 
+def test_report_names_the_sides_a_run_scored_at_other_than_its_input_side(smoke_run, tmp_path):
+    """A run scored with eval_scale above 1 says so in its schedule line, its architecture notes and its latency
+    row (timed at the larger side); the default run says none of it."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run["out"], run, ignore=shutil.ignore_patterns("*.pt", "synthetic_data"))
+    plain = H.write_report(run, run / "r.md").read_text()
+    assert "scored at" not in plain and "Scored on other image sides" not in plain and "resized to" not in plain
+    cfg = json.loads((run / "config.json").read_text())
+    H.write_json({**cfg, "image_size": 128, "eval_scale": {"det": 1.25, "seg": 1.0}}, run / "config.json")
+    res = json.loads((run / "resources.json").read_text())
+    res["latency_512"] = [{**res["latency_512"][0], "size": 640}]
+    H.write_json(res, run / "resources.json")
+    text = H.write_report(run, run / "r.md").read_text()
+    assert "input 128 px (classification" in text and ", scored at 160 px (detection) and 128 px (segmentation);" in text
+    assert "- **Scored on other image sides**: 160 px (detection) and 128 px (segmentation)" in text
+    assert "| latency, one 512x512 image, batch 1 (resized to 640 px, as the run scores it) |" in text
+
+
 def test_report_says_when_stages_were_scored_again_from_their_weights(smoke_run, tmp_path):
     import shutil
     run = tmp_path / "run"
