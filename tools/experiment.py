@@ -242,7 +242,12 @@ SECTIONS = {  # subfolder of results/experiments -> what its experiments compare
                    "of 04d6cfb (the record names 1f28592, the commit when it ended) while eval_scale det 1.25 was the"
                    " default, so its own record scores detection at 320 px; -det100: the same weights scored at 256 "
                    "px like every other row (mAP 0.0181 / 0.0211 against s2-e20's 0.0230 / 0.0227, mIoU 0.489 / 0.494"
-                   " against 0.466 / 0.465): segmentation kept, detection pays.",
+                   " against 0.466 / 0.465): segmentation kept, detection pays. s3-after-segreplay2-*: the method's "
+                   "stage 3 from those weights (fp32, not rounded to fp16 as a final.pt): mAP 0.0244 / 0.0260, mIoU "
+                   "0.488 / 0.462, top-1 0.883 / 0.900 against the published runs' single-task 0.0223 / 0.0194, "
+                   "stage-1 0.503 / 0.446 and 0.900 / 0.917: every task within 5 % in both seeds, where the "
+                   "published runs (replay 1) fail seed 0's segmentation; a lead for the default, not yet run as a "
+                   "whole pipeline.",
     "eval-scale": "Saved weights scored again with detection's (or segmentation's) images resized to 1.0 / 1.25 / 1.5 "
                   "x the training side (eval_scale; --score-only, no training; the first 17 records from the working "
                   "tree of ae8591d, where --score-only was not yet committed). s2-256-seed*: the stage-2 weights of "
