@@ -2717,9 +2717,10 @@ def run_stage_cached(model: UniHeadNet, task: str, data: dict, cfg: Config, stag
         load_weights(model, weights)
         record, settings = json.loads(done.read_text()), scoring_settings(cfg, eval_tasks)
         # a record from before a setting existed was scored without it: no flip test, at image_size
-        unscaled = {t: cfg.image_size for t in settings["eval_sides"]}
-        scored_with = {**settings, "flip_test": False, "eval_sides": unscaled, **record.get("scored_with", {})}
-        scored_with["eval_sides"] = {t: scored_with["eval_sides"].get(t) for t in settings["eval_sides"]}  # its tasks'
+        recorded = record.get("scored_with", {})
+        sides = recorded.get("eval_sides", {t: cfg.image_size for t in settings["eval_sides"]})
+        scored_with = {**settings, "flip_test": False, **recorded,
+                       "eval_sides": {t: sides.get(t) for t in settings["eval_sides"]}}  # the sides of its tasks
         if scored_with == settings:
             print(f"[{train_kw.get('label', task)}] finished earlier: loaded {weights}")
             return record
@@ -3340,9 +3341,10 @@ def _report_architecture(ctx: dict) -> list[str]:
                       "averaged over the image and its mirror image (the mirror's box distances l and r swapped "
                       "back), two passes in one batch, as CenterNet evaluates; training is unchanged. The single-task "
                       "baselines are scored the same way."] if cfg.get("flip_test") else [])
-    if _scored_sides(cfg):
+    sides = _scored_sides(cfg)
+    if sides:
         scoring_notes.append(
-            f"- **Scored on other image sides**: {_scored_sides(cfg)} (eval_scale {cfg['eval_scale']} of the "
+            f"- **Scored on other image sides**: {sides} (eval_scale {cfg['eval_scale']} of the "
             f"{cfg['image_size']} px input side), every model of the run alike, the single-task baselines too. Not "
             "the default: detection at 1.25 scored higher on val, but not on 40 train images held out of training "
             "(`results/experiments/eval-scale`).")
@@ -3371,7 +3373,8 @@ def _scored_sides(cfg: dict) -> str:
 
 
 def _scored_at(cfg: dict) -> str:
-    return f", scored at {_scored_sides(cfg)}" if _scored_sides(cfg) else ""
+    sides = _scored_sides(cfg)
+    return f", scored at {sides}" if sides else ""
 
 
 def _report_method(ctx: dict) -> list[str]:

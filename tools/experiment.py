@@ -20,7 +20,6 @@ stage's last epoch is what is scored. --set takes config fields as key=JSON (str
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import json
 import subprocess
@@ -121,8 +120,9 @@ def score_only(args: argparse.Namespace) -> dict:
     unknown = sorted(set(overrides) - set(H.SCORING_FIELDS))
     if unknown:
         raise SystemExit(f"--score-only changes how weights are scored, not trained: {unknown} are training fields")
-    layered = {k: {**getattr(cfg, k), **v} if isinstance(v, dict) else v for k, v in overrides.items()}
-    cfg = dataclasses.replace(cfg, data_root=args.data_root, **layered)
+    fields = cfg.to_dict()
+    H._layer(fields, {**overrides, "data_root": args.data_root})  # as make_config layers them: partial dicts too
+    cfg = H.Config(**fields)
     tasks = [args.task] + [t for t in args.earlier.split(",") if t]
     data = {t: H.load_task(args.data_root, t, "val", payload["classes"][t]) for t in tasks}
     metrics = H.evaluate(model, data, cfg, tasks=tasks)
@@ -331,7 +331,10 @@ def main(argv=None) -> None:
         return
     if not args.name or not args.task:
         p.error("an experiment needs a name and --task")
-    score_only(args) if args.score_only else run(args)
+    if args.score_only:
+        score_only(args)
+    else:
+        run(args)
 
 
 if __name__ == "__main__":
