@@ -724,6 +724,16 @@ def _coco_boxes(coco: dict, json_path: Path, images: dict, id_to_name: dict,
     return boxes, gt_annotations
 
 
+def detection_image_dir(json_path: Path, image_dirs: Sequence[Path], images: dict) -> Path:
+    """The first of a layout's candidate folders that holds the JSON's first image."""
+    first = next(iter(images.values()))["file_name"]
+    image_dir = next((d for d in image_dirs if (d / first).is_file()), None)
+    if image_dir is None:
+        raise DatasetError(f"{json_path}: names image {first!r}, which is in none of "
+                           + ", ".join(str(d) for d in image_dirs))
+    return image_dir
+
+
 def load_detection_split(root: str | Path, split: str, classes: Sequence[str] | int = 10,
                          strict: bool = True) -> TaskData:
     """COCO JSON (FiftyOne export or instances_*.json). classes: the class names, or how many of the most
@@ -736,11 +746,7 @@ def load_detection_split(root: str | Path, split: str, classes: Sequence[str] | 
     names, n = (None, classes) if isinstance(classes, int) else (classes, len(classes))
     class_names = select_detection_classes(coco, n, names, source=str(json_path), strict=strict)
     id_to_name, images = _coco_index(coco, json_path)
-    first = next(iter(images.values()))["file_name"]
-    image_dir = next((d for d in image_dirs if (d / first).is_file()), None)
-    if image_dir is None:
-        raise DatasetError(f"{json_path}: names image {first!r}, which is in none of "
-                           + ", ".join(str(d) for d in image_dirs))
+    image_dir = detection_image_dir(json_path, image_dirs, images)
     boxes, gt_annotations = _coco_boxes(coco, json_path, images, id_to_name,
                                         {name: i for i, name in enumerate(class_names)})
     samples = []

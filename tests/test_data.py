@@ -707,3 +707,55 @@ def test_real_datasets_counts_classes_and_overlap():
     assert summary["seg"]["overlap"] == [] and summary["cls"]["overlap"] == []
     assert summary["cls"]["classes"] == [H.IMAGENETTE_CLASSES[w] for w in sorted(H.IMAGENETTE_CLASSES)]
     assert summary["seg"]["layout"] == "flat"
+
+
+# --------------------------------------------------------------------------------------------------
+# tools/holdout_split.py: train images held out as a val split no model of the run trains on
+# --------------------------------------------------------------------------------------------------
+def _holdout_tool():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("holdout_split", Path(H.__file__).parent / "tools" / "holdout_split.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_holdout_split_moves_the_last_train_images_to_val_with_their_labels(syn, tmp_path):
+    layout, root = syn
+    record = _holdout_tool().holdout_split(root, tmp_path / "held", hold=10)
+    for task in ("det", "seg", "cls"):
+        source = H.load_task(root, task, "train")
+        train = H.load_task(tmp_path / "held", task, "train", source.class_names)
+        val = H.load_task(tmp_path / "held", task, "val", source.class_names)
+        by_file = {s["file"]: s for s in source.samples}
+        assert len(train) + len(val) == len(source) and len(val) == 10
+        assert {s["file"] for s in train.samples}.isdisjoint(s["file"] for s in val.samples)
+        assert sorted(record["held_out"][task]) == sorted(s["file"] for s in val.samples)
+        if task != "cls":  # the last ten in the loader's order, the rest in the same order
+            assert [s["file"] for s in val.samples] == [s["file"] for s in source.samples[-10:]]
+            assert [s["file"] for s in train.samples] == [s["file"] for s in source.samples[:-10]]
+        else:  # one of each class (3 per class in train): every class held out alike
+            assert sorted(s["label"] for s in val.samples) == list(range(10))
+        for s in train.samples + val.samples:  # every image keeps its pixels and labels
+            original = by_file[s["file"]]
+            assert torch.equal(s["image"], original["image"])
+            for key in ("boxes", "labels", "mask", "label"):
+                if key in s:
+                    assert torch.equal(torch.as_tensor(s[key]), torch.as_tensor(original[key])), (task, key)
+    det_val = H.load_task(tmp_path / "held", "det", "val", H.load_task(root, "det", "train").class_names)
+    assert len(det_val.coco_gt["annotations"]) == sum(
+        1 for a in json.loads(det_json(root, layout, "train").read_text())["annotations"]
+        if a["image_id"] in {s["image_id"] for s in H.load_task(root, "det", "train").samples[-10:]}
+        and a["category_id"] in det_val.category_ids)  # COCOeval's ground truth moves with its images (crowd too)
+
+
+def test_holdout_split_refuses_what_it_cannot_do(synthetic_root, tmp_path):
+    tool = _holdout_tool()
+    with pytest.raises(H.DatasetError, match=r"labels\.json: cannot hold out 32 of its 32"):
+        tool.holdout_split(synthetic_root, tmp_path / "a", hold=32, tasks=["det"])
+    with pytest.raises(H.DatasetError, match="must be a multiple of its 10 class folders"):
+        tool.holdout_split(synthetic_root, tmp_path / "b", hold=15, tasks=["cls"])
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "x").write_text("")
+    with pytest.raises(FileExistsError, match="not empty"):
+        tool.holdout_split(synthetic_root, tmp_path / "c", hold=4)
