@@ -251,8 +251,9 @@ class Config:
     # decoding. Peaks at or below score_thresh are dropped before NMS; a lower threshold only adds detections ranked
     # below every kept one. The published seed-0 final models at 0.001 instead of 0.05 (eval.py --score-thresh,
     # 2026-11-23): the earlier one val mAP 0.02387 -> 0.02389, mAP@0.5 0.07275 -> 0.07284, train unchanged (0.0632 /
-    # 0.1903); the one published now (results/quick-seed0/decoding) val 0.0237 / 0.0773 and train 0.0719 / 0.1980 at
-    # both: the peaks between them find almost no further objects, so 0.05 stays
+    # 0.1903); the next one (f05a0ef) val 0.0237 / 0.0773 and train 0.0719 / 0.1980 at both; the one published now
+    # (results/quick-seed0/decoding) val 0.0245 / 0.0707 and train 0.0808 / 0.2127 at both: the peaks between them
+    # find almost no further objects, so 0.05 stays
     score_thresh: float = 0.05
     max_dets: int = 100
     nms_iou: float = 0.7

@@ -246,8 +246,8 @@ SECTIONS = {  # subfolder of results/experiments -> what its experiments compare
                    "stage 3 from those weights (fp32, not rounded to fp16 as a final.pt): mAP 0.0244 / 0.0260, mIoU "
                    "0.488 / 0.462, top-1 0.883 / 0.900 against the published runs' single-task 0.0223 / 0.0194, "
                    "stage-1 0.503 / 0.446 and 0.900 / 0.917: every task within 5 % in both seeds, where the "
-                   "published runs (replay 1) fail seed 0's segmentation; a lead for the default, not yet run as a "
-                   "whole pipeline.",
+                   "published runs (replay 1) fail seed 0's segmentation; the default since 0077d57 (replay_weight det "
+                   "2), then run as whole pipelines (results/quick-seed*).",
     "eval-scale": "Saved weights scored again with detection's (or segmentation's) images resized to 1.0 / 1.25 / 1.5 "
                   "x the training side (eval_scale; --score-only, no training; the first 17 records from the working "
                   "tree of ae8591d, where --score-only was not yet committed). s2-256-seed*: the stage-2 weights of "
