@@ -260,7 +260,12 @@ SECTIONS = {  # subfolder of results/experiments -> what its experiments compare
                       " 1; seed 1 2.6 % (cls) at 2, none at 1 (every figure at or above its baseline). On val the "
                       "same change kept segmentation better (stage-chain s2-segreplay2-*, pipeline-segreplay2); here "
                       "segmentation moved +0.004 / -0.004 and detection's mAP and top-1 were lower in both seeds: "
-                      "not adopted. The held-out images score lower than val (stage 1 mIoU 0.28 against 0.50 / 0.45; "
+                      "not adopted. Two defaults chosen on val checked the same way: hs3-replaycls1: stage 3 with the "
+                      "replayed labels at 1 instead of the default 2 (from hs2-segreplay1): largest drop 4.4 % (seg) / 2.6 % "
+                      "against 1.6 / 0.0 % at 2; hs2-taskweight1, hs3-after-taskweight1: detection's own loss at 1 "
+                      "instead of 3 in its stage: final mAP 0.0088 / 0.0104 against 0.0112 / 0.0130, largest drop "
+                      "14.2 % (det) / 2.6 % against 1.6 / 0.0 %: both defaults confirmed. The held-out images score "
+                      "lower than val (stage 1 mIoU 0.28 against 0.50 / 0.45; "
                       "the published stage-1 weights, which trained on them, score 0.64): a harder set, and models "
                       "trained on 200 images.",
     "eval-scale": "Saved weights scored again with detection's (or segmentation's) images resized to 1.0 / 1.25 / 1.5 "
