@@ -146,7 +146,7 @@ class Config:
     # top-1 reaches 0.90 in both. Without the fresh channels detection at 3 gave back its stage-2 gain in stage 3
     # (results/experiments/pipeline-task-weight-det3). Checked on 40 train images held out of training (the chain
     # trained on the other 200, results/experiments/holdout-replay hs*-taskweight1 against hs*-segreplay1): final mAP
-    # 0.0088 / 0.0104 at 1 against 0.0112 / 0.0130 at 3, largest drop against the baselines trained there 14.2 % (det)
+    # 0.0088 / 0.0104 at 1 against 0.0112 / 0.0130 at 3, largest drop against the baselines trained there 14.5 % (det)
     # / 2.6 % against 1.6 / 0.0 %
     task_weight: dict[str, float] = field(default_factory=lambda: {"seg": 1.0, "det": 3.0, "cls": 4.0})
     # weight of the replayed tasks' own losses (their labels on the replay images), per stage (the task being
