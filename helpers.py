@@ -836,6 +836,11 @@ def classification_folders(folders: Sequence[str]) -> tuple[list[str], list[str]
     return ordered, ordered
 
 
+def class_folder_images(folder: Path) -> list[Path]:
+    """The image files of one class folder, sorted by name (the order labels and held-out splits follow)."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def load_classification_split(root: str | Path, split: str, classes: Sequence[str] | None = None,
                               strict: bool = True) -> TaskData:
     """One folder per class (wnids, numbers or names), images inside. Labels index `classes` when given
@@ -857,7 +862,7 @@ def load_classification_split(root: str | Path, split: str, classes: Sequence[st
                            f"the classes {classes}" + (f"; missing: {missing}" if missing else ""))
     samples = []
     for folder, name in zip(ordered, names):
-        files = sorted(p for p in (split_dir / folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = class_folder_images(split_dir / folder)
         if not files:
             raise DatasetError(f"{split_dir / folder}: empty class folder (no images)")
         label = classes.index(name)

@@ -742,11 +742,13 @@ def test_holdout_split_moves_the_last_train_images_to_val_with_their_labels(syn,
             for key in ("boxes", "labels", "mask", "label"):
                 if key in s:
                     assert torch.equal(torch.as_tensor(s[key]), torch.as_tensor(original[key])), (task, key)
-    det_val = H.load_task(tmp_path / "held", "det", "val", H.load_task(root, "det", "train").class_names)
+    det_source = H.load_task(root, "det", "train")
+    det_val = H.load_task(tmp_path / "held", "det", "val", det_source.class_names)
+    held_ids = {s["image_id"] for s in det_source.samples[-10:]}
     assert len(det_val.coco_gt["annotations"]) == sum(
         1 for a in json.loads(det_json(root, layout, "train").read_text())["annotations"]
-        if a["image_id"] in {s["image_id"] for s in H.load_task(root, "det", "train").samples[-10:]}
-        and a["category_id"] in det_val.category_ids)  # COCOeval's ground truth moves with its images (crowd too)
+        if a["image_id"] in held_ids and a["category_id"] in det_val.category_ids)  # COCOeval's ground truth moves
+    # with its images (crowd too)
 
 
 def test_holdout_split_refuses_what_it_cannot_do(synthetic_root, tmp_path):

@@ -262,13 +262,11 @@ SECTIONS = {  # subfolder of results/experiments -> what its experiments compare
                       "segmentation moved +0.004 / -0.004 and detection's mAP and top-1 were lower in both seeds: "
                       "not adopted. Two defaults chosen on val checked the same way: hs3-replaycls1: stage 3 with the "
                       "replayed labels at 1 instead of the default 2 (from hs2-segreplay1): largest drop 4.4 % (seg) / "
-                      "2.6 % "
-                      "against 1.6 / 0.0 % at 2; hs2-taskweight1, hs3-after-taskweight1: detection's own loss at 1 "
+                      "2.6 % against 1.6 / 0.0 % at 2; hs2-taskweight1, hs3-after-taskweight1: detection's own loss at 1 "
                       "instead of 3 in its stage: final mAP 0.0088 / 0.0104 against 0.0112 / 0.0130, largest drop "
                       "14.5 % (det) / 2.6 % against 1.6 / 0.0 %: both defaults confirmed. The held-out images score "
-                      "lower than val (stage 1 mIoU 0.28 against 0.50 / 0.45; "
-                      "the published stage-1 weights, which trained on them, score 0.64): a harder set, and models "
-                      "trained on 200 images.",
+                      "lower than val (stage 1 mIoU 0.28 against 0.50 / 0.45; the published stage-1 weights, which "
+                      "trained on them, score 0.64): a harder set, and models trained on 200 images.",
     "eval-scale": "Saved weights scored again with detection's (or segmentation's) images resized to 1.0 / 1.25 / 1.5 "
                   "x the training side (eval_scale; --score-only, no training; the first 17 records from the working "
                   "tree of ae8591d, where --score-only was not yet committed). s2-256-seed*: the stage-2 weights of "

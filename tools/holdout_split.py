@@ -78,7 +78,7 @@ def split_classification(src: Path, out: Path, hold: int) -> list[str]:
                              "so that every class is held out alike")
     per_class, held = hold // len(folders), []
     for folder in folders:
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in H.IMAGE_SUFFIXES)
+        files = H.class_folder_images(folder)
         _count_check(len(files), per_class, folder)
         for k, path in enumerate(files):
             dest = out / "imagenette_160" / ("val" if k >= len(files) - per_class else "train") / folder.name
@@ -101,7 +101,8 @@ def holdout_split(data_root: str | Path, out: str | Path, hold: int = 40, tasks=
         raise ValueError(f"unknown tasks {unknown}; tasks: {list(SPLITTERS)}")
     out.mkdir(parents=True, exist_ok=True)
     record = {"source": str(src.resolve()), "hold": hold,
-              "rule": "the last `hold` train images in the loaders' order; classification: the last hold/C of each class",
+              "rule": "the last `hold` train images in the loaders' order; classification: the last hold/C of each "
+                      "class",
               "held_out": {}}
     for task in tasks:
         record["held_out"][task] = SPLITTERS[task](src, out, hold)
