@@ -251,6 +251,16 @@ class Config:
     # the train images fitted better (heatmap loss 2.72 / 2.59 -> 2.51 / 2.51), segmentation kept better, detection
     # on val no closer to its single-task 0.0278 / 0.0250, the stage 11 / 20 % longer: 64
     grow_neck_head: dict[str, int] = field(default_factory=lambda: {"seg": 0, "det": 64, "cls": 0})
+    # in a stage that grows the neck and head, train only what is new there: the channels the earlier stages fitted
+    # keep their weights and BatchNorm statistics (and normalise with those statistics in training as well), and the
+    # head's output rows of the other tasks stay as they are; the fresh channels, the stage's own output rows (which
+    # read old and new channels) and the backbone train (parameter isolation with lateral connections, as in
+    # Progressive Neural Networks, Rusu et al. 2016). The earlier tasks then move only as far as the backbone
+    # moves under their replay and distillation. Why: segmentation's loss in detection's stage lives in the neck
+    # and head, not the backbone (quick profile, seed 0, the method's stage 2 from the published stage 1,
+    # results/experiments/stage-chain s2-e20-seed0: mIoU 0.503 -> 0.466; the stage-1 neck and head on the stage-2
+    # backbone 0.502, the stage-2 neck and head on the stage-1 backbone 0.472)
+    freeze_old_channels: bool = False
     det_kd_conf: float = 0.3  # teacher heat above which its boxes are distilled
     freeze_backbone_bn: bool = True
     # norm "bn": in every stage after the first, the neck's and head's BatchNorm statistics stay as the first
@@ -2357,6 +2367,7 @@ class Stage:
     start: dict[str, torch.Tensor]  # the weights the stage started from (WiSE-FT mixes back towards them)
     task_weight: float  # weight of the stage's own loss (`own_loss_weight`)
     expert: UniHeadNet | None = None  # the task's single-task model, frozen (single_task_teacher_weight)
+    frozen: FrozenOldChannels | None = None  # the grown stage's old channels held fixed (freeze_old_channels)
 
 
 def is_methods_later_stage(earlier: Sequence[str], replay: bool) -> bool:
@@ -2455,6 +2466,58 @@ def start_stage(model: UniHeadNet, task: str, cfg: Config, *, earlier: Sequence[
         grow_neck_head(model, cfg.grow_neck_head[task], seed=seed)
 
 
+class FrozenOldChannels:
+    """The neck's and head's channels that the earlier stages fitted (the first `old_width` of each layer), and the
+    head's output rows of every task but `task`, held exactly as they are while a grown stage trains (see
+    cfg.freeze_old_channels). Their gradients are zeroed before clipping (`zero_grads`), what AdamW's weight decay and
+    BatchNorm's running statistics still move is put back after each step (`restore`), and while the model trains a
+    forward hook normalises the old channels of each neck and head BatchNorm with their kept statistics, as in
+    evaluation, so what the new task's outputs learn to read is what they will read when scored. `remove` takes
+    the hooks off at the stage's end."""
+
+    def __init__(self, model: UniHeadNet, old_width: int, task: str):
+        if not 0 < old_width <= model.width:
+            raise ValueError(f"old_width must be within the model's {model.width} channels, not {old_width}")
+        other_rows = ~own_output_rows(model, task)
+        last = f"head.layers.{len(model.head.layers) - 1}."
+        self.kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (tensor, mask over dim 0, values)
+        for name, value in [*model.named_parameters(), *model.named_buffers()]:
+            if not name.startswith(("neck.", "head.")) or not value.dtype.is_floating_point:
+                continue
+            if name.startswith(last):
+                mask = other_rows.to(value.device)
+            else:
+                mask = torch.zeros(len(value), dtype=torch.bool, device=value.device)
+                mask[:old_width] = True
+            self.kept.append((value, mask, value.detach()[mask].clone()))
+        norms = [m for m in [*model.neck.modules(), *model.head.modules()] if isinstance(m, nn.BatchNorm2d)]
+        self.stats = {m: (m.running_mean[:old_width].clone(), m.running_var[:old_width].clone()) for m in norms}
+        self.hooks = [m.register_forward_hook(self._normalise_old_channels) for m in norms]
+
+    def _normalise_old_channels(self, norm: nn.BatchNorm2d, inputs: tuple, output: torch.Tensor):
+        if not norm.training:
+            return None  # evaluation already normalises every channel with its running statistics
+        mean, var = self.stats[norm]
+        n = len(mean)
+        old = F.batch_norm(inputs[0][:, :n], mean, var, norm.weight[:n], norm.bias[:n], False, 0.0, norm.eps)
+        return torch.cat([old.to(output.dtype), output[:, n:]], dim=1)
+
+    def zero_grads(self) -> None:
+        for value, mask, _ in self.kept:
+            if value.grad is not None:
+                value.grad[mask] = 0
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for value, mask, kept in self.kept:
+            value[mask] = kept
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+
+
 def make_stage(model: UniHeadNet, task: str, data: dict, cfg: Config, *, earlier: Sequence[str] = (),
                teacher: UniHeadNet | None = None, replay: bool = False, lr_scale: float = 1.0,
                device: torch.device | None = None, seed: int = 0, expert: UniHeadNet | None = None) -> Stage:
@@ -2483,9 +2546,12 @@ def make_stage(model: UniHeadNet, task: str, data: dict, cfg: Config, *, earlier
     teachers = {t: TASK_TABLE[t].external_teacher(cfg, data[t]["train"]) for t in [task, *(earlier if replay else [])]}
     teachers = {t: m.to(device).to(memory_format=torch.channels_last) if cfg.channels_last else m.to(device)
                 for t, m in teachers.items() if m is not None}
+    frozen = (FrozenOldChannels(model, model.width - cfg.grow_neck_head[task], task)
+              if cfg.freeze_old_channels and grows_neck_head(cfg, task, earlier, replay) else None)
     return Stage(model, task, cfg, device, loader, generator, sampler, teacher, list(earlier), optimizer, scheduler,
                  scaler, ema, epochs, teachers, state_on_cpu(model) if earlier and cfg.wise_alpha.get(task, 1.0) < 1 else {},
-                 own_loss_weight(cfg, task, earlier, replay), expert if uses_expert(cfg, task, earlier, replay) else None)
+                 own_loss_weight(cfg, task, earlier, replay), expert if uses_expert(cfg, task, earlier, replay) else None,
+                 frozen)
 
 
 def train_step(stage: Stage, batch: dict, replay: dict[str, dict]) -> dict[str, float]:
@@ -2502,10 +2568,14 @@ def train_step(stage: Stage, batch: dict, replay: dict[str, dict]) -> dict[str, 
     stage.optimizer.zero_grad(set_to_none=True)
     stage.scaler.scale(loss).backward()
     stage.scaler.unscale_(stage.optimizer)
+    if stage.frozen is not None:
+        stage.frozen.zero_grads()  # before clipping: held channels take no share of the gradient's norm
     torch.nn.utils.clip_grad_norm_(stage.model.parameters(), stage.cfg.grad_clip)
     stage.scaler.step(stage.optimizer)
     stage.scaler.update()
     stage.scheduler.step()
+    if stage.frozen is not None:
+        stage.frozen.restore()  # weight decay and running statistics touched them: put back exactly, before the EMA
     if stage.ema is not None:
         stage.ema.update(stage.model)
     return {**{k: v.item() for k, v in terms.items()}, "loss": loss.item()}
@@ -2680,25 +2750,29 @@ def train_stage(model: UniHeadNet, task: str, data: dict, cfg: Config, stage_dir
         seconds += time.time() - t0
         stage.ema = WeightEMA(model, cfg.ema_decay) if stage.ema else None  # average from the probed weights on
     progress = Progress(label or task, stage.epochs, start_epoch)
-    for epoch in range(start_epoch, stage.epochs):
-        t0 = time.time()
-        row = {"epoch": epoch + 1, **train_one_epoch(stage, progress), "lr": stage.optimizer.param_groups[-1]["lr"],
-               "train_seconds": round(time.time() - t0, 2)}
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == stage.epochs:  # watched, never used to choose
-            watched = evaluate(stage.ema.model if stage.ema else model, {task: data[task]["val"]}, cfg, stage.device,
-                               tasks=[task])
-            row.update({key: watched[key] for key in TASK_TABLE[task].watched})
-        seconds += time.time() - t0
-        row["seconds"] = round(time.time() - t0, 2)
-        history.append(row)
-        _write_csv(history, stage_dir / "log.csv")
-        progress.end_epoch(row)
-        if (epoch + 1) % cfg.checkpoint_every == 0 and epoch + 1 < stage.epochs:
-            save_checkpoint(last, model, cfg, data_classes(data), optimizer=stage.optimizer.state_dict(),
-                            scheduler=stage.scheduler.state_dict(), scaler=stage.scaler.state_dict(), epoch=epoch + 1,
-                            history=history, seconds=seconds, generator=stage.generator.get_state(),
-                            ema=state_on_cpu(stage.ema.model) if stage.ema else None,
-                            ema_updates=stage.ema.updates if stage.ema else 0, start=stage.start)
+    try:
+        for epoch in range(start_epoch, stage.epochs):
+            t0 = time.time()
+            row = {"epoch": epoch + 1, **train_one_epoch(stage, progress), "lr": stage.optimizer.param_groups[-1]["lr"],
+                   "train_seconds": round(time.time() - t0, 2)}
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == stage.epochs:  # watched, never used to choose
+                watched = evaluate(stage.ema.model if stage.ema else model, {task: data[task]["val"]}, cfg, stage.device,
+                                   tasks=[task])
+                row.update({key: watched[key] for key in TASK_TABLE[task].watched})
+            seconds += time.time() - t0
+            row["seconds"] = round(time.time() - t0, 2)
+            history.append(row)
+            _write_csv(history, stage_dir / "log.csv")
+            progress.end_epoch(row)
+            if (epoch + 1) % cfg.checkpoint_every == 0 and epoch + 1 < stage.epochs:
+                save_checkpoint(last, model, cfg, data_classes(data), optimizer=stage.optimizer.state_dict(),
+                                scheduler=stage.scheduler.state_dict(), scaler=stage.scaler.state_dict(), epoch=epoch + 1,
+                                history=history, seconds=seconds, generator=stage.generator.get_state(),
+                                ema=state_on_cpu(stage.ema.model) if stage.ema else None,
+                                ema_updates=stage.ema.updates if stage.ema else 0, start=stage.start)
+    finally:  # the held channels' hooks belong to this stage only
+        if stage.frozen is not None:
+            stage.frozen.remove()
     if stage.ema is not None:
         model.load_state_dict(stage.ema.model.state_dict())
     if stage.start:

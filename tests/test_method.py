@@ -405,6 +405,57 @@ def test_grown_neck_and_head_keep_every_output_and_train_the_new_channels(tiny_d
     torch.testing.assert_close(loaded(image)["raw"], model.eval()(image)["raw"])
 
 
+def test_frozen_old_channels_keep_the_earlier_tasks_outputs_while_the_new_ones_train(tiny_data, tmp_path):
+    """freeze_old_channels in a grown stage (48 -> 64 channels), backbone learning rate 0 so that only the neck and
+    head can move: after training steps every segmentation and classification output is bit for bit what it was,
+    and so is every old weight and BatchNorm statistic of the neck and head, while detection's outputs and the new
+    channels changed. In training the old channels are normalised with their kept statistics (as in evaluation);
+    the new channels with the batch's. The stage takes its hooks off when it ends."""
+    cfg = H.make_config("smoke", batch_size=4, grow_neck_head={"det": 16}, freeze_old_channels=True,
+                        backbone_lr=0.0, ema_decay=0.0, epochs={"det": 1})
+    model = H.initial_model(cfg)
+    teacher = H.freeze_teacher(model)
+    H.start_stage(model, "det", cfg, earlier=["seg"], replay=True)
+    image = torch.randn(2, 3, 96, 96).contiguous(memory_format=torch.channels_last)
+    before = model.eval()(image)
+    old = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("neck.", "head."))}
+    stage = H.make_stage(model, "det", tiny_data, cfg, earlier=["seg"], teacher=teacher, replay=True)
+    assert stage.frozen is not None and len(stage.frozen.hooks) == 3  # the neck's and head's three BatchNorms
+    model.train()
+    norm, x = model.neck.fuse[1], torch.randn(4, 64, 12, 12)
+    expected_old = torch.nn.functional.batch_norm(x[:, :48], old["neck.fuse.1.running_mean"][:48],
+                                                  old["neck.fuse.1.running_var"][:48], norm.weight[:48],
+                                                  norm.bias[:48], False, 0.0, norm.eps)
+    y = norm(x)
+    torch.testing.assert_close(y[:, :48], expected_old)
+    assert y[:, 48:].mean(dim=(0, 2, 3)).abs().max() < 1e-4  # batch statistics (BatchNorm's bias starts at 0)
+    stage.frozen.restore()
+    for _ in range(3):
+        H.train_step(stage, H.batch_to_device(next(iter(stage.loader)), torch.device("cpu"), cfg.channels_last),
+                     H.next_replay(stage))
+    after = model.eval()(image)
+    for name in ("seg", "cls"):
+        assert torch.equal(after[name], before[name]), name
+    assert not torch.equal(after["det_heatmap"], before["det_heatmap"])
+    state = model.state_dict()
+    rows = ~H.own_output_rows(model, "det")
+    for key, value in old.items():
+        if not value.dtype.is_floating_point:
+            continue
+        kept = rows if key.startswith("head.layers.2.") else slice(0, 48)
+        assert torch.equal(state[key][kept], value[kept]), key
+    assert not torch.equal(state["head.layers.0.0.weight"][48:], old["head.layers.0.0.weight"][48:])
+    assert not torch.equal(state["neck.fuse.1.running_mean"][48:], old["neck.fuse.1.running_mean"][48:])
+    # off by default, and only where the stage grows; train_stage takes the hooks off
+    assert H.make_stage(model, "det", tiny_data, dataclasses.replace(cfg, freeze_old_channels=False), earlier=["seg"],
+                        teacher=teacher, replay=True).frozen is None
+    assert H.make_stage(model, "cls", tiny_data, cfg, earlier=["seg", "det"], teacher=teacher, replay=True).frozen is None
+    stage.frozen.remove()
+    assert all(not m._forward_hooks for m in model.modules())
+    H.train_stage(model, "det", tiny_data, cfg, tmp_path / "det", earlier=["seg"], teacher=teacher, replay=True)
+    assert all(not m._forward_hooks for m in model.modules())
+
+
 def test_grow_neck_head_refuses_groupnorm():
     model = H.build_model(H.make_config("smoke", norm="gn"), backbone_weights="none")
     with pytest.raises(ValueError, match="norm 'bn'"):
