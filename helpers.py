@@ -251,16 +251,16 @@ class Config:
     # the train images fitted better (heatmap loss 2.72 / 2.59 -> 2.51 / 2.51), segmentation kept better, detection
     # on val no closer to its single-task 0.0278 / 0.0250, the stage 11 / 20 % longer: 64
     grow_neck_head: dict[str, int] = field(default_factory=lambda: {"seg": 0, "det": 64, "cls": 0})
-    # in a stage that grows the neck and head, train only what is new there: the channels the earlier stages fitted
-    # keep their weights and BatchNorm statistics (and normalise with those statistics in training as well), and the
-    # head's output rows of the other tasks stay as they are; the fresh channels, the stage's own output rows (which
-    # read old and new channels) and the backbone train (parameter isolation with lateral connections, as in
-    # Progressive Neural Networks, Rusu et al. 2016). The earlier tasks then move only as far as the backbone
-    # moves under their replay and distillation. Why: segmentation's loss in detection's stage lives in the neck
-    # and head, not the backbone (quick profile, seed 0, the method's stage 2 from the published stage 1,
-    # results/experiments/stage-chain s2-e20-seed0: mIoU 0.503 -> 0.466; the stage-1 neck and head on the stage-2
-    # backbone 0.502, the stage-2 neck and head on the stage-1 backbone 0.472)
-    freeze_old_channels: bool = False
+    # parts ("neck", "head") whose old channels a stage that grows them holds fixed: the channels the earlier stages
+    # fitted keep their weights and BatchNorm statistics (and normalise with those statistics in training as well),
+    # and with "head" the head's output rows of the other tasks stay as they are; the fresh channels, the stage's own
+    # output rows (which read old and new channels) and the backbone train (parameter isolation with lateral
+    # connections, as in Progressive Neural Networks, Rusu et al. 2016). (): none, the whole neck and head train.
+    # Why: segmentation's loss in detection's stage lives in the neck and head, not the backbone (quick profile,
+    # seed 0, the method's stage 2 from the published stage 1, results/experiments/stage-chain s2-e20-seed0: mIoU
+    # 0.503 -> 0.466; the stage-1 neck and head on the stage-2 backbone 0.502, the stage-2 neck and head on the
+    # stage-1 backbone 0.472)
+    freeze_old_channels: tuple[str, ...] = ()
     det_kd_conf: float = 0.3  # teacher heat above which its boxes are distilled
     freeze_backbone_bn: bool = True
     # norm "bn": in every stage after the first, the neck's and head's BatchNorm statistics stay as the first
@@ -2467,22 +2467,24 @@ def start_stage(model: UniHeadNet, task: str, cfg: Config, *, earlier: Sequence[
 
 
 class FrozenOldChannels:
-    """The neck's and head's channels that the earlier stages fitted (the first `old_width` of each layer), and the
-    head's output rows of every task but `task`, held exactly as they are while a grown stage trains (see
+    """The channels of `parts` (neck, head) that the earlier stages fitted (the first `old_width` of each layer), and
+    with the head its output rows of every task but `task`, held exactly as they are while a grown stage trains (see
     cfg.freeze_old_channels). Their gradients are zeroed before clipping (`zero_grads`), what AdamW's weight decay and
     BatchNorm's running statistics still move is put back after each step (`restore`), and while the model trains a
     forward hook normalises the old channels of each neck and head BatchNorm with their kept statistics, as in
     evaluation, so what the new task's outputs learn to read is what they will read when scored. `remove` takes
     the hooks off at the stage's end."""
 
-    def __init__(self, model: UniHeadNet, old_width: int, task: str):
+    def __init__(self, model: UniHeadNet, old_width: int, task: str, parts: Sequence[str] = ("neck", "head")):
         if not 0 < old_width <= model.width:
             raise ValueError(f"old_width must be within the model's {model.width} channels, not {old_width}")
+        if not parts or set(parts) - {"neck", "head"}:
+            raise ValueError(f"parts to hold must be 'neck' and/or 'head', not {tuple(parts)}")
         other_rows = ~own_output_rows(model, task)
         last = f"head.layers.{len(model.head.layers) - 1}."
         self.kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (tensor, mask over dim 0, values)
         for name, value in [*model.named_parameters(), *model.named_buffers()]:
-            if not name.startswith(("neck.", "head.")) or not value.dtype.is_floating_point:
+            if not name.startswith(tuple(f"{part}." for part in parts)) or not value.dtype.is_floating_point:
                 continue
             if name.startswith(last):
                 mask = other_rows.to(value.device)
@@ -2490,7 +2492,7 @@ class FrozenOldChannels:
                 mask = torch.zeros(len(value), dtype=torch.bool, device=value.device)
                 mask[:old_width] = True
             self.kept.append((value, mask, value.detach()[mask].clone()))
-        norms = [m for m in [*model.neck.modules(), *model.head.modules()] if isinstance(m, nn.BatchNorm2d)]
+        norms = [m for part in parts for m in getattr(model, part).modules() if isinstance(m, nn.BatchNorm2d)]
         self.stats = {m: (m.running_mean[:old_width].clone(), m.running_var[:old_width].clone()) for m in norms}
         self.hooks = [m.register_forward_hook(self._normalise_old_channels) for m in norms]
 
@@ -2546,7 +2548,7 @@ def make_stage(model: UniHeadNet, task: str, data: dict, cfg: Config, *, earlier
     teachers = {t: TASK_TABLE[t].external_teacher(cfg, data[t]["train"]) for t in [task, *(earlier if replay else [])]}
     teachers = {t: m.to(device).to(memory_format=torch.channels_last) if cfg.channels_last else m.to(device)
                 for t, m in teachers.items() if m is not None}
-    frozen = (FrozenOldChannels(model, model.width - cfg.grow_neck_head[task], task)
+    frozen = (FrozenOldChannels(model, model.width - cfg.grow_neck_head[task], task, cfg.freeze_old_channels)
               if cfg.freeze_old_channels and grows_neck_head(cfg, task, earlier, replay) else None)
     return Stage(model, task, cfg, device, loader, generator, sampler, teacher, list(earlier), optimizer, scheduler,
                  scaler, ema, epochs, teachers, state_on_cpu(model) if earlier and cfg.wise_alpha.get(task, 1.0) < 1 else {},
@@ -3543,6 +3545,19 @@ def _method_extras(cfg: dict) -> list[str]:
                      "the earlier tasks have not shaped, and they keep their channels through distillation and "
                      "replay. Each layer stays one conv emitting all outputs (a single branch). The single-task "
                      "baselines and the naive ablation keep the starting width.")
+        held = list(cfg.get("freeze_old_channels") or [])
+        if held:
+            whole = set(held) == {"neck", "head"}
+            lines.append(f"- **Old channels frozen in a grown stage** ({' and '.join(held)}): there the channels the "
+                         "earlier stages fitted keep their weights and BatchNorm statistics (they normalise with those "
+                         "statistics in training as well)"
+                         + (" and the other tasks' output rows stay as they were" if "head" in held else "")
+                         + "; the fresh channels, the stage's own output rows (which read old and new channels alike)"
+                         + ("" if whole else ", the rest of the neck and head") + " and the backbone train"
+                         + (", so the earlier tasks move only as far as the backbone moves under their replay and "
+                            "distillation" if whole else "")
+                         + " (parameter isolation with lateral connections, as in Progressive Neural Networks, Rusu "
+                         "et al. 2016).")
     slow = {t: f for t, f in cfg.get("later_backbone_lr_scale", {}).items() if f != 1}
     if slow:
         lines.append(f"- **Slower backbone in later stages**: in the method's stage of each task in {slow}, the backbone "

@@ -411,7 +411,7 @@ def test_frozen_old_channels_keep_the_earlier_tasks_outputs_while_the_new_ones_t
     and so is every old weight and BatchNorm statistic of the neck and head, while detection's outputs and the new
     channels changed. In training the old channels are normalised with their kept statistics (as in evaluation);
     the new channels with the batch's. The stage takes its hooks off when it ends."""
-    cfg = H.make_config("smoke", batch_size=4, grow_neck_head={"det": 16}, freeze_old_channels=True,
+    cfg = H.make_config("smoke", batch_size=4, grow_neck_head={"det": 16}, freeze_old_channels=("neck", "head"),
                         backbone_lr=0.0, ema_decay=0.0, epochs={"det": 1})
     model = H.initial_model(cfg)
     teacher = H.freeze_teacher(model)
@@ -447,13 +447,44 @@ def test_frozen_old_channels_keep_the_earlier_tasks_outputs_while_the_new_ones_t
     assert not torch.equal(state["head.layers.0.0.weight"][48:], old["head.layers.0.0.weight"][48:])
     assert not torch.equal(state["neck.fuse.1.running_mean"][48:], old["neck.fuse.1.running_mean"][48:])
     # off by default, and only where the stage grows; train_stage takes the hooks off
-    assert H.make_stage(model, "det", tiny_data, dataclasses.replace(cfg, freeze_old_channels=False), earlier=["seg"],
+    assert H.make_stage(model, "det", tiny_data, dataclasses.replace(cfg, freeze_old_channels=()), earlier=["seg"],
                         teacher=teacher, replay=True).frozen is None
     assert H.make_stage(model, "cls", tiny_data, cfg, earlier=["seg", "det"], teacher=teacher, replay=True).frozen is None
     stage.frozen.remove()
     assert all(not m._forward_hooks for m in model.modules())
     H.train_stage(model, "det", tiny_data, cfg, tmp_path / "det", earlier=["seg"], teacher=teacher, replay=True)
     assert all(not m._forward_hooks for m in model.modules())
+    # the report's method section says so exactly when it is on
+    assert any("Old channels frozen" in line for line in H._method_extras(cfg.to_dict()))
+    off = dataclasses.replace(cfg, freeze_old_channels=())
+    assert not any("Old channels frozen" in line for line in H._method_extras(off.to_dict()))
+
+
+def test_frozen_old_channels_of_the_neck_alone(tiny_data):
+    """freeze_old_channels ("neck",): the neck's old channels stay bit for bit while the head's old channels and
+    segmentation's output rows train with the new task; only the neck's BatchNorm is hooked. Unknown parts are refused."""
+    cfg = H.make_config("smoke", batch_size=4, grow_neck_head={"det": 16}, freeze_old_channels=("neck",),
+                        backbone_lr=0.0, ema_decay=0.0)
+    model = H.initial_model(cfg)
+    teacher = H.freeze_teacher(model)
+    H.start_stage(model, "det", cfg, earlier=["seg"], replay=True)
+    old = {k: v.clone() for k, v in model.state_dict().items()}
+    stage = H.make_stage(model, "det", tiny_data, cfg, earlier=["seg"], teacher=teacher, replay=True)
+    assert len(stage.frozen.hooks) == 1
+    model.train()
+    for _ in range(2):
+        H.train_step(stage, H.batch_to_device(next(iter(stage.loader)), torch.device("cpu"), cfg.channels_last),
+                     H.next_replay(stage))
+    stage.frozen.remove()
+    state = model.state_dict()
+    for key in ("neck.laterals.0.weight", "neck.fuse.0.weight", "neck.fuse.1.weight", "neck.fuse.1.running_var"):
+        assert torch.equal(state[key][:48], old[key][:48]), key
+    assert not torch.equal(state["neck.fuse.0.weight"][48:], old["neck.fuse.0.weight"][48:])
+    seg_rows = slice(*model.head.layout["seg"])
+    assert not torch.equal(state["head.layers.0.0.weight"][:48], old["head.layers.0.0.weight"][:48])
+    assert not torch.equal(state["head.layers.2.weight"][seg_rows], old["head.layers.2.weight"][seg_rows])
+    with pytest.raises(ValueError, match="'neck' and/or 'head'"):
+        H.FrozenOldChannels(model, 48, "det", ("backbone",))
 
 
 def test_grow_neck_head_refuses_groupnorm():

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -169,3 +170,34 @@ def test_score_only_scores_saved_weights_with_other_scoring_settings_and_refuses
     refused = run_tool("w-lr", "--task", "det", "--score-only", weights, "--set", "lr=0.1",
                        "--data_root", synthetic_root, "--out", tmp_path)
     assert refused.returncode != 0 and "['lr'] are training fields" in refused.stderr
+
+
+def test_score_only_with_another_checkpoints_backbone(tmp_path, synthetic_root):
+    """--score-only W --backbone-from D: W's neck and head on D's backbone (weights and statistics), scored; the
+    record and the table name the donor; without --score-only the option is refused."""
+    import helpers as H
+
+    cfg = H.make_config("smoke", image_size=128)
+    data = H.load_all(synthetic_root, tasks=["det", "seg"], verbose=False)
+    own, donor = H.initial_model(cfg), H.initial_model(cfg)
+    with torch.no_grad():
+        for value in donor.backbone.parameters():
+            value.mul_(0.5)  # a backbone that scores differently
+        for value in own.head.parameters():
+            value.add_(0.01)
+    weights = H.save_checkpoint(tmp_path / "own.pt", own, cfg, H.data_classes(data))
+    other = H.save_checkpoint(tmp_path / "donor.pt", donor, cfg, H.data_classes(data))
+    proc = run_tool("swap", "--task", "seg", "--score-only", weights, "--backbone-from", other,
+                    "--data_root", synthetic_root, "--out", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads((tmp_path / "swap.json").read_text())
+    hybrid, loaded, _ = H.load_checkpoint(weights)
+    hybrid.backbone.load_state_dict(H.load_checkpoint(other)[0].backbone.state_dict())
+    expected = H.evaluate(hybrid, {"seg": data["seg"]["val"]}, loaded, tasks=["seg"])["seg.miou"]
+    assert record["metrics"]["seg.miou"] == pytest.approx(expected) and record["backbone_from"] == str(other)
+    image = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    assert not torch.allclose(hybrid(image)["seg"], H.load_checkpoint(weights)[0](image)["seg"])  # what was scored moved
+    torch.testing.assert_close(hybrid.head.layers[-1].weight, own.head.layers[-1].weight.detach())
+    assert f"no training: {weights} scored with the backbone of {other} on" in run_tool("--table", tmp_path).stdout
+    refused = run_tool("x", "--task", "seg", "--backbone-from", other, "--out", tmp_path)
+    assert refused.returncode != 0 and "--backbone-from goes with --score-only" in refused.stderr

@@ -116,6 +116,9 @@ def score_only(args: argparse.Namespace) -> dict:
     """Saved weights scored on val with --set overriding only how they are scored (eval_scale, flip_test, ...):
     a record like a trained one, its training config the checkpoint's and no history."""
     model, cfg, payload = H.load_checkpoint(args.score_only)
+    if args.backbone_from:  # where a stage's forgetting lives: these weights on another checkpoint's backbone
+        donor, _, _ = H.load_checkpoint(args.backbone_from)
+        model.backbone.load_state_dict(donor.backbone.state_dict())
     overrides = parse_overrides(args.set)
     unknown = sorted(set(overrides) - set(H.SCORING_FIELDS))
     if unknown:
@@ -128,6 +131,7 @@ def score_only(args: argparse.Namespace) -> dict:
     metrics = H.evaluate(model, data, cfg, tasks=tasks)
     result = {"name": args.name, "task": args.task, "init": args.score_only, "reset": "", "earlier": tasks[1:],
               "expert": None, "overrides": overrides, "scored_only": True, "data_root": args.data_root,
+              "backbone_from": args.backbone_from,
               "scored_with": H.scoring_settings(cfg, tasks),
               "profile": cfg.profile, "seed": cfg.seed, "device": H.describe_device(next(model.parameters()).device),
               "date": dt.date.today().isoformat(), "commit": git_commit(), "config": cfg.to_dict(),
@@ -159,8 +163,9 @@ def table(folder: Path) -> str:
                             + (["no replay or distillation (naive)"] if r.get("naive") else [])
                             + ([f"{r['reset']} reset to the initial state"] if r.get("reset") else [])
                             + (["expert: the seed's single-task model"] if r.get("expert") else [])
-                            + ([f"no training: {r['init']} scored" + (f" on {r['data_root']}'s val"
-                                                                         if "data_root" in r else "")]
+                            + ([f"no training: {r['init']} scored"
+                                + (f" with the backbone of {r['backbone_from']}" if r.get("backbone_from") else "")
+                                + (f" on {r['data_root']}'s val" if "data_root" in r else "")]
                                if r.get("scored_only") else [])
                             ) or "(profile defaults)"
         values = " | ".join(f"{r['metrics'][k]:.4f}" if r["metrics"].get(k) is not None else "" for k, _ in present)
@@ -339,6 +344,9 @@ def main(argv=None) -> None:
     p.add_argument("--score-only", metavar="WEIGHTS", default=None,
                    help="no training: score these weights on val (--task and --earlier: which tasks; --set: only "
                         "scoring fields such as eval_scale or flip_test)")
+    p.add_argument("--backbone-from", metavar="WEIGHTS", default=None,
+                   help="with --score-only: the backbone's weights and statistics taken from this checkpoint instead "
+                        "(neck and head as in --score-only's): does a stage's forgetting live in the backbone?")
     p.add_argument("--table", metavar="DIR", help="print the Markdown table of the experiments in DIR and exit")
     p.add_argument("--readme", metavar="ROOT", help="write ROOT/README.md with the table of every subfolder and exit")
     args = p.parse_args(argv)
@@ -350,6 +358,8 @@ def main(argv=None) -> None:
         return
     if not args.name or not args.task:
         p.error("an experiment needs a name and --task")
+    if args.backbone_from and not args.score_only:
+        p.error("--backbone-from goes with --score-only")
     if args.score_only:
         score_only(args)
     else:
