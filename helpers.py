@@ -3621,6 +3621,13 @@ def _report_bootstrap(ctx: dict) -> list[str]:
     if not path.is_file():
         return []
     boot = json.loads(path.read_text())
+    # written for another final model (the stages trained again since): say so rather than print its figures
+    stale = [f"{r['metric']} {r['final']:.4f} there, {ctx['final'][r['metric']]:.4f} here"
+             for r in boot["tasks"].values()
+             if ctx["final"].get(r["metric"]) is None or abs(r["final"] - ctx["final"][r["metric"]]) > 1e-6]
+    if stale:
+        return [f"The run folder's rule_bootstrap.json was written for another final model ({'; '.join(stale)}): "
+                "its figures are left out; `python tools/rule_bootstrap.py` on this run writes them again.", ""]
     lines = [f"How sure, on this many images: a paired bootstrap over the val images (`tools/rule_bootstrap.py`, "
              f"{boot['resamples']} draws; each draw scores the final model and the task's single-task baseline on the "
              "same images). The hidden test sets are as small: the share of draws within 5 % is a rough chance that "

@@ -673,3 +673,11 @@ def test_rule_bootstrap_rescores_the_runs_baselines_and_final_model(smoke_run, t
     report = H.write_report(out, tmp_path / "report.md").read_text()  # the report states it when the run has it
     assert "paired bootstrap over the val images (`tools/rule_bootstrap.py`, 10 draws" in report
     assert f"| {H.TASK_METRIC['cls']} | {len(smoke_run['data']['cls']['val'])} |" in report
+    # a bootstrap written for another final model (the stages trained again since) is named, not printed
+    boot = json.loads((out / "rule_bootstrap.json").read_text())
+    boot["tasks"]["seg"]["final"] += 0.01
+    (out / "rule_bootstrap.json").write_text(json.dumps(boot))
+    stale = H.write_report(out, tmp_path / "stale.md").read_text()
+    assert "rule_bootstrap.json was written for another final model (seg.miou" in stale
+    assert "share of draws within 5 %" not in stale
+    (out / "rule_bootstrap.json").unlink()  # the module's smoke run as it was
