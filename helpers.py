@@ -422,6 +422,9 @@ def make_config(profile: str | None = None, **overrides) -> Config:
         raise ValueError(f"replay_per_task={cfg.replay_per_task}: the assignment allows at most 10 images per task per step")
     if cfg.strategy not in {"full", "naive"}:
         raise ValueError(f"strategy must be 'full' or 'naive', not {cfg.strategy!r}")
+    if not isinstance(cfg.freeze_old_channels, tuple) or set(cfg.freeze_old_channels) - {"neck", "head"}:
+        raise ValueError(f"freeze_old_channels names parts to hold, 'neck' and/or 'head' (or none: ()), "
+                         f"not {cfg.freeze_old_channels!r}")
     if sorted(cfg.order) != sorted(TASKS):
         raise ValueError(f"order must be a permutation of {TASKS}, not {cfg.order}")
     return cfg

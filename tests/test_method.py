@@ -485,6 +485,10 @@ def test_frozen_old_channels_of_the_neck_alone(tiny_data):
     assert not torch.equal(state["head.layers.2.weight"][seg_rows], old["head.layers.2.weight"][seg_rows])
     with pytest.raises(ValueError, match="'neck' and/or 'head'"):
         H.FrozenOldChannels(model, 48, "det", ("backbone",))
+    for bad in (True, ["backbone"]):  # a bool (the option's first form) or an unknown part: refused by the config
+        with pytest.raises(ValueError, match="freeze_old_channels names parts to hold"):
+            H.make_config("smoke", freeze_old_channels=bad)
+    assert H.make_config("smoke", freeze_old_channels=["neck"]).freeze_old_channels == ("neck",)
 
 
 def test_grow_neck_head_refuses_groupnorm():
