@@ -422,7 +422,7 @@ def make_config(profile: str | None = None, **overrides) -> Config:
         raise ValueError(f"replay_per_task={cfg.replay_per_task}: the assignment allows at most 10 images per task per step")
     if cfg.strategy not in {"full", "naive"}:
         raise ValueError(f"strategy must be 'full' or 'naive', not {cfg.strategy!r}")
-    if not isinstance(cfg.freeze_old_channels, tuple) or set(cfg.freeze_old_channels) - {"neck", "head"}:
+    if not isinstance(cfg.freeze_old_channels, tuple) or set(cfg.freeze_old_channels) - set(HOLDABLE_PARTS):
         raise ValueError(f"freeze_old_channels names parts to hold, 'neck' and/or 'head' (or none: ()), "
                          f"not {cfg.freeze_old_channels!r}")
     if sorted(cfg.order) != sorted(TASKS):
@@ -2477,6 +2477,9 @@ def start_stage(model: UniHeadNet, task: str, cfg: Config, *, earlier: Sequence[
         grow_neck_head(model, cfg.grow_neck_head[task], seed=seed)
 
 
+HOLDABLE_PARTS = ("neck", "head")  # the parts whose old channels a grown stage can hold (freeze_old_channels)
+
+
 class FrozenOldChannels:
     """The channels of `parts` (neck, head) that the earlier stages fitted (the first `old_width` of each layer), and
     with the head its output rows of every task but `task`, held exactly as they are while a grown stage trains (see
@@ -2486,10 +2489,10 @@ class FrozenOldChannels:
     evaluation, so what the new task's outputs learn to read is what they will read when scored. `remove` takes
     the hooks off at the stage's end."""
 
-    def __init__(self, model: UniHeadNet, old_width: int, task: str, parts: Sequence[str] = ("neck", "head")):
+    def __init__(self, model: UniHeadNet, old_width: int, task: str, parts: Sequence[str] = HOLDABLE_PARTS):
         if not 0 < old_width <= model.width:
             raise ValueError(f"old_width must be within the model's {model.width} channels, not {old_width}")
-        if not parts or set(parts) - {"neck", "head"}:
+        if not parts or set(parts) - set(HOLDABLE_PARTS):
             raise ValueError(f"parts to hold must be 'neck' and/or 'head', not {tuple(parts)}")
         other_rows = ~own_output_rows(model, task)
         last = f"head.layers.{len(model.head.layers) - 1}."
@@ -3633,7 +3636,7 @@ def _report_bootstrap(ctx: dict) -> list[str]:
         return []
     boot = json.loads(path.read_text())
     # written for another final model (the stages trained again since): say so rather than print its figures
-    stale = [f"{r['metric']} {r['final']:.4f} there, {ctx['final'][r['metric']]:.4f} here"
+    stale = [f"{r['metric']} {r['final']:.4f} there, {_fmt(ctx['final'].get(r['metric']))} here"
              for r in boot["tasks"].values()
              if ctx["final"].get(r["metric"]) is None or abs(r["final"] - ctx["final"][r["metric"]]) > 1e-6]
     if stale:

@@ -117,8 +117,9 @@ def score_only(args: argparse.Namespace) -> dict:
     a record like a trained one, its training config the checkpoint's and no history."""
     model, cfg, payload = H.load_checkpoint(args.score_only)
     if args.backbone_from:  # where a stage's forgetting lives: these weights on another checkpoint's backbone
-        donor, _, _ = H.load_checkpoint(args.backbone_from)
-        model.backbone.load_state_dict(donor.backbone.state_dict())
+        donor = H.read_checkpoint(args.backbone_from)["model"]  # its weights only: no second model to build
+        model.backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in donor.items()
+                                        if k.startswith("backbone.")})
     overrides = parse_overrides(args.set)
     unknown = sorted(set(overrides) - set(H.SCORING_FIELDS))
     if unknown:
