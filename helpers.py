@@ -276,9 +276,9 @@ class Config:
     freeze_head_bn_after_first: bool = True
     # decoding. Peaks at or below score_thresh are dropped before NMS; a lower threshold only adds detections ranked
     # below every kept one. The published seed-0 final models at 0.001 instead of 0.05 (eval.py --score-thresh,
-    # 2026-11-23): the earlier one val mAP 0.02387 -> 0.02389, mAP@0.5 0.07275 -> 0.07284, train unchanged (0.0632 /
-    # 0.1903); the one published now (results/quick-seed0/decoding) val 0.0237 / 0.0773 and train 0.0719 / 0.1980 at
-    # both: the peaks between them find almost no further objects, so 0.05 stays
+    # 2026-11-23, 256 px): the earlier one val mAP 0.02387 -> 0.02389, mAP@0.5 0.07275 -> 0.07284, train unchanged
+    # (0.0632 / 0.1903); the one published at f05a0ef (results/experiments/decoding-256) val 0.0237 / 0.0773 and
+    # train 0.0719 / 0.1980 at both: the peaks between them find almost no further objects, so 0.05 stays
     score_thresh: float = 0.05
     max_dets: int = 100
     nms_iou: float = 0.7
@@ -316,10 +316,10 @@ class Config:
     # fp32, last-epoch train loss 3.41 / 3.43 against 3.39 / 3.45: within the seeds' spread. Classification's stage
     # from the same stage-2 weights (320 px, seed 0; results/experiments/stage3 s3-320-bf16*): mAP / mAP@0.5 / mIoU /
     # top-1 0.0194 / 0.070 / 0.466 / 0.900 in bf16 against 0.0200 / 0.069 / 0.472 / 0.900 in fp32, 59 against 70 s
-    # an epoch (mean train_seconds of their log.csv; one thread each, side by side). "off" by default: the published
-    # quick runs trained in fp32, and a re-run of the profile trains as they did; "auto" for speed on such a CPU
-    # (seed 0's whole quick pipeline at 320 px trained 45.7 min in bf16 against 57.1 at 256 px in fp32;
-    # results/experiments/pipeline-alone)
+    # an epoch (mean train_seconds of their log.csv; one thread each, side by side). "off" by default (CUDA trains
+    # in fp16 with amp); the quick profile sets "auto" for its 384 px images (seed 0's whole quick pipeline at 320 px
+    # trained 45.7 min in bf16 against 57.1 at 256 px in fp32; results/experiments/pipeline-alone): its published
+    # runs trained in bf16, and a CPU without native bf16 trains the profile in fp32, slower and not bit for bit
     cpu_bf16: str = "off"
     channels_last: bool = True
     num_workers: int = 2
@@ -344,18 +344,23 @@ PROFILES: dict[str, dict[str, Any]] = {
     # classification images (the default since), its stage 3 ended at 0.470 / 0.0136 / 0.046 / 0.900 against 0.452 /
     # 0.0142 / 0.041 / 0.917 at 4 (results/experiments/stage3 s0-replay8-kdcur-cls0): segmentation still 6 % under
     # its baseline, and stage 3 trained 14.6 instead of 8.5 minutes
-    # 256 px: 320 px gave single-task detection mAP 0.0418 against 0.0267 (20 epochs, results/experiments/det)
-    # but costs 1.4x the time, and one seed's whole pipeline has to stay near an hour on a 2-core CPU
     # det 20 epochs: the method's stage 2 at 30, from the same stage-1 weights (results/experiments/stage-chain,
-    # 2026-11-23), mAP 0.0230 -> 0.0235 (seed 0) and 0.0227 -> 0.0261 (seed 1), the stage ~1.4x longer; detection
-    # alone at 30 (the baseline it would be held to, same CPU and date) 0.0326 and 0.0247 against the published 0.0278
-    # and 0.0250 at 20: seed 0's gap to its baseline widens (15.5 % -> 28 %), so 20.
-    # 320 px with bf16 training (cpu_bf16 "auto"), seed 0's whole pipeline alone on the AMD EPYC (2026-11-23,
-    # results/experiments/pipeline-alone quick320-seed0-epyc-bf16): 45.7 min of training; single-task detection
-    # 0.0240 / 0.0721 (0.0278 / 0.0759 at 256), stage-2 end 0.0305 / 0.0962, final 0.0176 / 0.0675 / mIoU 0.470 /
-    # top-1 0.900 (detection 26.5 % under its baseline): no better than 256 px in this seed, so 256
-    "quick": dict(out_dir="runs/quick", backbone="efficientnet-lite0", image_size=256, cls_image_size=160,
-                  batch_size=8, epochs={"seg": 20, "det": 20, "cls": 12}, replay_per_task=4,
+    # 2026-11-23, 256 px), mAP 0.0230 -> 0.0235 (seed 0) and 0.0227 -> 0.0261 (seed 1), the stage ~1.4x longer;
+    # detection alone at 30 (the baseline it would be held to) 0.0326 and 0.0247 against 0.0278 and 0.0250 at 20:
+    # seed 0's gap to its baseline widens (15.5 % -> 28 %), so 20.
+    # 384 px, trained in bf16 where the CPU computes it natively (cpu_bf16 "auto"; evaluation stays fp32). Chosen on
+    # train images held out of training, not on val: detection alone trained on 200 train images and scored on the
+    # other 40 (results/experiments/holdout-replay hbase-det384-*, against hbase-det-* at 256 px), seeds 0 / 1, mAP /
+    # mAP@0.5 0.0102 / 0.033 -> 0.0153 / 0.048 and HO1_256 -> HO1_384. The whole pipelines at 384 px (2026-11-24, the
+    # published results/quick-seed*) against 256 px (f05a0ef), seeds 0 / 1: final mAP@0.5 0.077 / 0.067 -> 0.095 /
+    # 0.123, mIoU 0.467 / 0.441 -> 0.504 / 0.484, top-1 0.933 / 0.900 -> 0.917 / 0.867; the single-task detectors rise
+    # too (mAP 0.0223 / 0.0194 -> 0.0340 / 0.0465), so detection's relative drop grows (seed 0 ends its own stage
+    # above its detector, 0.0361, and loses 26.5 % of it in classification's stage, as the 320 px run did). 320 px
+    # (seed 0, results/experiments/pipeline-alone quick320-seed0-epyc-bf16): final 0.0176 / 0.0675 / 0.470 / 0.900.
+    # Time: the 384 px pipeline of seed 0 trained 108.2 min sharing the 2-core AMD EPYC with seed 1's (one thread
+    # each); alone it was not timed (320 px alone: 45.7 min)
+    "quick": dict(out_dir="runs/quick", backbone="efficientnet-lite0", image_size=384, cls_image_size=160,
+                  cpu_bf16="auto", batch_size=8, epochs={"seg": 20, "det": 20, "cls": 12}, replay_per_task=4,
                   single_task_baselines=True, compare_naive=True, eval_every=2, num_workers=0, latency_runs=20),
     # Embedded synthetic data, tiny images, CPU, the whole pipeline in about a minute (tests, CI).
     "smoke": dict(out_dir="runs/smoke", synthetic=True, download=False, backbone="efficientnet-lite0",

@@ -584,12 +584,13 @@ def test_evaluation_images_are_resized_to_each_tasks_scored_side(synthetic_root)
     cfg = H.make_config("smoke", image_size=128, eval_scale={"det": 1.25, "seg": 1.0})
     assert (H.eval_side(cfg, "det"), H.eval_side(cfg, "seg")) == (160, 128)
     larger = {"det": 1.25}
-    assert H.eval_side(H.make_config("quick", eval_scale=larger), "det") == 320
-    assert H.eval_side(H.make_config("quick", eval_scale=larger), "seg") == 256  # a partial dict keeps seg's 1.0
+    assert H.eval_side(H.make_config("quick", image_size=256, eval_scale=larger), "det") == 320
+    assert H.eval_side(H.make_config("quick", image_size=256, eval_scale=larger), "seg") == 256  # seg keeps its 1.0
+    assert H.eval_side(H.make_config("quick", eval_scale=larger), "det") == 480  # the profile's 384 px
     assert H.eval_side(H.make_config("quick", image_size=320, eval_scale=larger), "det") == 384  # 400: never above
     assert H.eval_side(H.make_config("full", eval_scale=larger), "det") == 640
     assert H.eval_side(H.make_config("smoke", eval_scale=larger), "det") == 96  # 120 rounds down
-    assert H.eval_side(H.make_config("quick"), "det") == 256  # the default scores at the training side
+    assert H.eval_side(H.make_config("quick"), "det") == 384  # the default scores at the training side
     for task, scored in (("det", 160), ("seg", 128)):
         for train, side in ((True, 128), (False, scored)):
             sample = H.TaskDataset(data[task]["val"], cfg, train=train, indices=[0])[0]

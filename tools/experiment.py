@@ -290,7 +290,10 @@ SECTIONS = {  # subfolder of results/experiments -> what its experiments compare
                       "instead of 3 in its stage: final mAP 0.0088 / 0.0104 against 0.0112 / 0.0130, largest drop "
                       "14.5 % (det) / 2.6 % against 1.6 / 0.0 %: both defaults confirmed. The held-out images score "
                       "lower than val (stage 1 mIoU 0.28 against 0.50 / 0.45; the published stage-1 weights, which "
-                      "trained on them, score 0.64): a harder set, and models trained on 200 images.",
+                      "trained on them, score 0.64): a harder set, and models trained on 200 images. hbase-det384: "
+                      "detection alone at 384 px in bf16 (2026-11-24, 475f0b1, the rule written before any 384 px "
+                      "result: adopt if it beats hbase-det in both seeds): mAP / mAP@0.5 0.0153 / 0.048 and 0.0143 / "
+                      "0.056 against 0.0102 / 0.033 and 0.0083 / 0.027 at 256 px: the quick profile's 384 px.",
     "eval-scale": "Saved weights scored again with detection's (or segmentation's) images resized to 1.0 / 1.25 / 1.5 "
                   "x the training side (eval_scale; --score-only, no training; the first 17 records from the working "
                   "tree of ae8591d, where --score-only was not yet committed). s2-256-seed*: the stage-2 weights of "
