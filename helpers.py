@@ -351,8 +351,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     # 384 px, trained in bf16 where the CPU computes it natively (cpu_bf16 "auto"; evaluation stays fp32). Chosen on
     # train images held out of training, not on val: detection alone trained on 200 train images and scored on the
     # other 40 (results/experiments/holdout-replay hbase-det384-*, against hbase-det-* at 256 px), seeds 0 / 1, mAP /
-    # mAP@0.5 0.0102 / 0.033 -> 0.0153 / 0.048 and HO1_256 -> HO1_384. The whole pipelines at 384 px (2026-11-24, the
-    # published results/quick-seed*) against 256 px (f05a0ef), seeds 0 / 1: final mAP@0.5 0.077 / 0.067 -> 0.095 /
+    # mAP@0.5 0.0102 / 0.033 -> 0.0153 / 0.048 and 0.0083 / 0.027 -> 0.0143 / 0.056. The whole pipelines at 384 px
+    # (the published results/quick-seed*) against 256 px (f05a0ef), seeds 0 / 1: final mAP@0.5 0.077 / 0.067 -> 0.095 /
     # 0.123, mIoU 0.467 / 0.441 -> 0.504 / 0.484, top-1 0.933 / 0.900 -> 0.917 / 0.867; the single-task detectors rise
     # too (mAP 0.0223 / 0.0194 -> 0.0340 / 0.0465), so detection's relative drop grows (seed 0 ends its own stage
     # above its detector, 0.0361, and loses 26.5 % of it in classification's stage, as the 320 px run did). 320 px
