@@ -216,7 +216,12 @@ SECTIONS = {  # subfolder of results/experiments -> what its experiments compare
               "and in fp32 (cpu_bf16 on / off), side by side with one thread each, from a worktree of 7ca5bf7. "
               "s3-320-cls224-seed0, s3-320-kddet2-seed0: the same start in bf16, classification's images at 224 px "
               "instead of 160, and detection's distillation on its replayed images at 2 (kd_weight det), side by side "
-              "with one thread each, from a worktree of 97eba6d.",
+              "with one thread each, from a worktree of 97eba6d. s3-384-replaycls1-seed*: from the stage-2 weights "
+              "of the published 384 px runs (2026-11-24, 475f0b1, bf16), the replayed tasks' labels at weight 1 "
+              "instead of 2: mAP / mAP@0.5 / mIoU / top-1 0.0280 / 0.098 / 0.502 / 0.933 and 0.0409 / 0.121 / 0.481 "
+              "/ 0.883 against the published 0.0266 / 0.095 / 0.504 / 0.917 and 0.0394 / 0.123 / 0.484 / 0.867 (stage-"
+              "2 end mAP 0.0361 / 0.0387): seed 0's detection still loses 22 % in this stage; within a val image or "
+              "0.0015 mAP of 2, and the held-out check preferred 2 (holdout-replay hs3-replaycls1): not changed.",
     "stage2-start": "Why detection as stage 2 learns slower than detection alone: detection from the published seed-0 "
                     "stage-1 weights (256 px, 20 epochs) with parts of them put back to the initial state (the "
                     "ImageNet backbone; the neck and head drawn with the seed; all three reset is detection alone). "
