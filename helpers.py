@@ -3641,9 +3641,9 @@ def _report_bootstrap(ctx: dict) -> list[str]:
         return []
     boot = json.loads(path.read_text())
     # written for another final model (the stages trained again since): say so rather than print its figures
-    stale = [f"{r['metric']} {r['final']:.4f} there, {_fmt(ctx['final'].get(r['metric']))} here"
-             for r in boot["tasks"].values()
-             if ctx["final"].get(r["metric"]) is None or abs(r["final"] - ctx["final"][r["metric"]]) > 1e-6]
+    here = {r["metric"]: ctx["final"].get(r["metric"]) for r in boot["tasks"].values()}
+    stale = [f"{r['metric']} {r['final']:.4f} there, {_fmt(here[r['metric']])} here" for r in boot["tasks"].values()
+             if here[r["metric"]] is None or abs(r["final"] - here[r["metric"]]) > 1e-6]
     if stale:
         return [f"The run folder's rule_bootstrap.json was written for another final model ({'; '.join(stale)}): "
                 "its figures are left out; `python tools/rule_bootstrap.py` on this run writes them again.", ""]
