@@ -2395,9 +2395,12 @@ def is_methods_later_stage(earlier: Sequence[str], replay: bool) -> bool:
 
 def own_loss_weight(cfg: Config, task: str, earlier: Sequence[str], replay: bool) -> float:
     """The weight of a stage's own task loss: cfg.task_weight[task] in the method's later stages, where replay and
-    distillation terms of the earlier tasks pull against it; 1 in a single-task baseline, the first stage and
-    naive fine-tuning, which have no other term (a baseline does not change when the method is tuned)."""
-    return float(cfg.task_weight[task]) if is_methods_later_stage(earlier, replay) else 1.0
+    distillation terms of the earlier tasks pull against it; 1 in a single-task baseline, the first stage, naive
+    fine-tuning and a stage that holds the earlier tasks (`holds_earlier_tasks`), which have no other term (a
+    baseline does not change when the method is tuned)."""
+    if not is_methods_later_stage(earlier, replay) or holds_earlier_tasks(cfg, task, earlier, replay):
+        return 1.0
+    return float(cfg.task_weight[task])
 
 
 def redraws_neck_head(cfg: Config, task: str, earlier: Sequence[str], replay: bool) -> bool:
@@ -2430,6 +2433,16 @@ def grows_neck_head(cfg: Config, task: str, earlier: Sequence[str], replay: bool
     """Whether this stage starts by adding channels to the neck and head (see cfg.grow_neck_head): only the
     method's later stages."""
     return is_methods_later_stage(earlier, replay) and cfg.grow_neck_head.get(task, 0) > 0
+
+
+def holds_earlier_tasks(cfg: Config, task: str, earlier: Sequence[str], replay: bool) -> bool:
+    """Whether the method's stage of `task` leaves every earlier task's output exactly as it was: it grows the neck
+    and head, holds their old channels and the other tasks' output rows (freeze_old_channels: neck and head), and its
+    backbone does not learn (later_backbone_lr_scale 0). Nothing an earlier task reads can then move, so replay and
+    distillation would only add terms with no gradient: such a stage runs without them (and without the frozen
+    backbone's backward pass), its own loss at weight 1, the task alone on its fresh channels."""
+    return (grows_neck_head(cfg, task, earlier, replay) and set(HOLDABLE_PARTS) <= set(cfg.freeze_old_channels)
+            and cfg.later_backbone_lr_scale[task] == 0)
 
 
 def uses_expert(cfg: Config, task: str, earlier: Sequence[str], replay: bool) -> bool:
@@ -2554,8 +2567,12 @@ def make_stage(model: UniHeadNet, task: str, data: dict, cfg: Config, *, earlier
     generator = torch.Generator().manual_seed(seed)
     loader = make_loader(data[task]["train"], cfg, train=True, generator=generator)
     later = is_methods_later_stage(earlier, replay)
-    sampler = ReplaySampler({t: data[t]["train"] for t in earlier}, earlier, cfg, seed + 1) if later else None
+    held = holds_earlier_tasks(cfg, task, earlier, replay)  # nothing of the earlier tasks can move: no replay, no KD
+    sampler = (ReplaySampler({t: data[t]["train"] for t in earlier}, earlier, cfg, seed + 1)
+               if later and not held else None)
+    teacher = None if held else teacher
     backbone_scale = cfg.later_backbone_lr_scale[task] if later else 1.0
+    model.backbone.requires_grad_(backbone_scale > 0)  # a backbone that does not learn costs no backward pass
     optimizer = torch.optim.AdamW(_param_groups(model, cfg, lr_scale, backbone_scale))
     steps = max(1, epochs * len(loader))
     # at least 10 warm-up steps: a fresh AdamW moves every weight by about lr in its first steps, whatever
@@ -2564,7 +2581,7 @@ def make_stage(model: UniHeadNet, task: str, data: dict, cfg: Config, *, earlier
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, warmup))
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
     ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    teachers = {t: TASK_TABLE[t].external_teacher(cfg, data[t]["train"]) for t in [task, *(earlier if replay else [])]}
+    teachers = {t: TASK_TABLE[t].external_teacher(cfg, data[t]["train"]) for t in [task, *(earlier if sampler else [])]}
     teachers = {t: m.to(device).to(memory_format=torch.channels_last) if cfg.channels_last else m.to(device)
                 for t, m in teachers.items() if m is not None}
     frozen = (FrozenOldChannels(model, model.width - cfg.grow_neck_head[task], task, cfg.freeze_old_channels)

@@ -460,6 +460,48 @@ def test_frozen_old_channels_keep_the_earlier_tasks_outputs_while_the_new_ones_t
     assert not any("Old channels frozen" in line for line in H._method_extras(off.to_dict()))
 
 
+def test_a_stage_that_holds_the_earlier_tasks_trains_the_new_one_alone(tiny_data, tmp_path):
+    """Grown, old channels of neck and head held, backbone at learning rate 0 (later_backbone_lr_scale 0): nothing an
+    earlier task reads can move, so the stage has no replay sampler, no teacher and no external teacher of the
+    earlier tasks, its own loss at weight 1 and a backbone that takes no gradient (no backward pass through it).
+    After a whole stage (probe, epochs, EMA) every segmentation output and every backbone weight is bit for bit
+    what it was, while detection learned. Any one of the three conditions missing: replay and distillation as
+    before."""
+    cfg = H.make_config("smoke", batch_size=4, grow_neck_head={"det": 16}, freeze_old_channels=("neck", "head"),
+                        later_backbone_lr_scale={"det": 0.0}, epochs={"det": 2}, probe_epochs={"det": 1})
+    model = H.initial_model(cfg)
+    teacher = H.freeze_teacher(model)
+    kw = dict(earlier=["seg"], teacher=teacher, replay=True)
+    assert H.holds_earlier_tasks(cfg, "det", ["seg"], True)
+    assert not H.holds_earlier_tasks(cfg, "det", ["seg"], False)  # naive fine-tuning: no stage of the method
+    for other in (dict(freeze_old_channels=("neck",)), dict(later_backbone_lr_scale={"det": 0.5}),
+                  dict(grow_neck_head={"det": 0})):
+        changed = dataclasses.replace(cfg, **other)
+        assert not H.holds_earlier_tasks(changed, "det", ["seg"], True), other
+        stage = H.make_stage(H.initial_model(cfg), "det", tiny_data, changed, **kw)
+        assert stage.replay is not None and stage.teacher is teacher and stage.task_weight == cfg.task_weight["det"]
+    image = torch.randn(2, 3, 96, 96).contiguous(memory_format=torch.channels_last)
+    H.start_stage(model, "det", cfg, earlier=["seg"], replay=True)
+    before = model.eval()(image)
+    backbone = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    stage = H.make_stage(model, "det", tiny_data, cfg, **kw)
+    assert stage.replay is None and stage.teacher is None and stage.task_weight == 1.0
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    assert not any(g["name"].startswith("backbone") for g in stage.optimizer.param_groups)
+    stage.frozen.remove()
+    record = H.train_stage(model, "det", tiny_data, cfg, tmp_path / "held", **kw)
+    assert len(record["probe"]) == 1 and len(record["history"]) == 2
+    assert set(record["history"][-1]) >= {"det_heatmap", "det_box"}
+    assert not any(k.startswith(("replay", "kd")) for k in record["history"][-1])
+    after = model.eval()(image)
+    assert torch.equal(after["seg"], before["seg"])
+    assert not torch.equal(after["det_heatmap"], before["det_heatmap"])
+    assert all(torch.equal(v, backbone[k]) for k, v in model.backbone.state_dict().items())
+    # the next stage that trains the backbone gives it its gradients back
+    H.make_stage(model, "cls", tiny_data, cfg, earlier=["seg", "det"], teacher=teacher, replay=True)
+    assert all(p.requires_grad for p in model.backbone.parameters())
+
+
 def test_frozen_old_channels_of_the_neck_alone(tiny_data):
     """freeze_old_channels ("neck",): the neck's old channels stay bit for bit while the head's old channels and
     segmentation's output rows train with the new task; only the neck's BatchNorm is hooked. Unknown parts are refused."""
