@@ -3528,7 +3528,43 @@ def _report_method(ctx: dict) -> list[str]:
             f"Every stage ends with its last epoch{' (the moving average of its weights, decay ' + str(cfg['ema_decay']) + ')' if cfg.get('ema_decay') else ''}: "
             "within a run, val is watched for the curves and never used to choose an epoch, a mix or a weight "
             "(the recipe's defaults are another matter: see Limitations).", "",
-            f"The method (`full`): in stage k, the model after stage k-1 is a frozen teacher. Each step adds "
+            *_method_paragraph(cfg, naive), "", *_method_extras(cfg)]
+
+
+def held_stages(cfg: dict) -> list[str]:
+    """The tasks whose stage in the method holds every earlier task (`holds_earlier_tasks`), in the run's order; cfg
+    as a run's config.json holds it (a field the run predates takes today's default)."""
+    fields = Config().to_dict()
+    _layer(fields, {k: v for k, v in cfg.items() if k in fields})
+    config = Config(**fields)
+    return [t for k, t in enumerate(config.order) if holds_earlier_tasks(config, t, config.order[:k], True)]
+
+
+def _method_paragraph(cfg: dict, naive: str) -> list[str]:
+    """What the method does against forgetting: parameter isolation where every later stage holds the earlier tasks,
+    else distillation and replay (and which stages hold, if some do)."""
+    order, held = cfg["order"], held_stages(cfg)
+    ablation = (f"The `naive` ablation fine-tunes each stage on its own data only (same architecture, same budget, "
+                f"loss at 1){naive}.")
+    if held and held == list(order[1:]):
+        grow = {t: cfg["grow_neck_head"][t] for t in held}
+        return [f"The method (`full`): **parameter isolation with lateral connections** (Progressive Neural Networks, "
+                f"Rusu et al. 2016). Stage 1 trains the whole network on {order[0]}. Each later stage adds fresh "
+                f"channels to the neck and to every head layer ({grow}), wired in with zero weights wherever they "
+                "would reach an existing channel or another task's output, and trains only those channels and its own "
+                "output rows, which read the old channels and the new alike; the backbone, every channel an earlier "
+                "stage fitted (weights and BatchNorm statistics) and the other tasks' output rows are held exactly. An "
+                "earlier task's output is therefore bit for bit what it was after its own stage (tested): in the "
+                "forgetting matrix a task's column stays constant after its stage by construction, not by tuning, "
+                "and replay and distillation are not used (they would have no gradient to give anything that trains; "
+                "the assignment allows replay of up to 10 images per task per step, it does not require it). The "
+                "price is paid by the new tasks: they learn on the backbone features stage 1 left, where their "
+                "single-task baselines train the backbone too, so each later task's drop against its baseline is "
+                "what the rule below measures. " + ablation]
+    held_note = (f" The stages of {', '.join(held)} hold every earlier task instead (their backbone does not learn and "
+                 "the old channels of neck and head are held): they run without replay or distillation, which would "
+                 "have no gradient to give." if held else "")
+    return [f"The method (`full`): in stage k, the model after stage k-1 is a frozen teacher. Each step adds "
             f"(1) **distillation** of every earlier task's outputs on the replayed images and, weighted per stage "
             f"by {cfg['kd_current_weight']} (0: none), on the stage's own images (Learning without Forgetting, Li & Hoiem, TPAMI 2017; KL at temperature {cfg['kd_temperature']} "
             f"for segmentation and classification logits, Bernoulli KL on heatmaps plus GIoU to the teacher's "
@@ -3537,18 +3573,20 @@ def _report_method(ctx: dict) -> list[str]:
             f"labels (experience replay; Chaudhry et al., *On Tiny Episodic Memories in Continual Learning*, 2019), "
             f"those losses weighted per stage by {cfg['replay_weight']}. "
             f"Each later stage's own loss is weighted by {cfg['task_weight']} against those terms (the single-task "
-            f"baselines and the first stage have no other term and train at 1). The `naive` ablation fine-tunes each "
-            f"stage on its own data only (same architecture, same budget, loss at 1){naive}.", "", *_method_extras(cfg)]
+            f"baselines and the first stage have no other term and train at 1).{held_note} " + ablation]
 
 
 def _method_extras(cfg: dict) -> list[str]:
     """The optional parts of the method, each stated only when this run used it."""
-    lines = []
+    lines, held = [], held_stages(cfg)
+    everything = bool(held) and held == list(cfg["order"][1:])
     probe = {t: n for t, n in cfg.get("probe_epochs", {}).items() if n}
     if probe:
         lines.append(f"- **Probe first (LP-FT, Kumar et al., ICLR 2022)**: a stage starts with {probe} epochs that train "
                      "only its task's own output channels of the head's last layer, everything shared frozen (the other "
-                     "tasks' outputs cannot change), then fine-tunes everything with distillation and replay.")
+                     "tasks' outputs cannot change), then "
+                     + ("trains its fresh channels with them." if everything else
+                        "fine-tunes everything with distillation and replay."))
     if cfg.get("redraw_neck_head"):
         lines.append(f"- **Fresh neck and head for {', '.join(cfg['redraw_neck_head'])}**: that stage starts with the "
                      "neck and head drawn anew as at the run's start (the backbone kept), their BatchNorm statistics "
@@ -3578,23 +3616,29 @@ def _method_extras(cfg: dict) -> list[str]:
                      "that many channels to the neck and to the head (the final model's width is in the architecture "
                      "table), drawn fresh and wired in with zero weights wherever they would reach an existing channel "
                      "or an output, so every output is unchanged at the stage's start; the new task gets capacity that "
-                     "the earlier tasks have not shaped, and they keep their channels through distillation and "
-                     "replay. Each layer stays one conv emitting all outputs (a single branch). The single-task "
+                     "the earlier tasks have not shaped"
+                     + (". " if everything else ", and they keep their channels through distillation and replay. ")
+                     + "Each layer stays one conv emitting all outputs (a single branch). The single-task "
                      "baselines and the naive ablation keep the starting width.")
-        held = list(cfg.get("freeze_old_channels") or [])
-        if held:
-            whole = set(held) == {"neck", "head"}
-            lines.append(f"- **Old channels frozen in a grown stage** ({' and '.join(held)}): there the channels the "
+        parts = list(cfg.get("freeze_old_channels") or [])
+        if parts:
+            whole = set(parts) == {"neck", "head"}
+            lines.append(f"- **Old channels frozen in a grown stage** ({' and '.join(parts)}): there the channels the "
                          "earlier stages fitted keep their weights and BatchNorm statistics (they normalise with those "
                          "statistics in training as well)"
-                         + (" and the other tasks' output rows stay as they were" if "head" in held else "")
+                         + (" and the other tasks' output rows stay as they were" if "head" in parts else "")
                          + "; the fresh channels, the stage's own output rows (which read old and new channels alike)"
-                         + ("" if whole else ", the rest of the neck and head") + " and the backbone train"
-                         + (", so the earlier tasks move only as far as the backbone moves under their replay and "
-                            "distillation" if whole else "")
+                         + ("" if whole else ", the rest of the neck and head")
+                         + (" train; the backbone does not (later_backbone_lr_scale 0), so the earlier tasks do not "
+                            "move at all" if everything else
+                            " and the backbone train"
+                            + (f" (in the stages of {', '.join(held)} the backbone does not, later_backbone_lr_scale 0: "
+                               "there the earlier tasks do not move at all)" if held else "")
+                            + (", so the earlier tasks move only as far as the backbone moves under their replay and "
+                               "distillation" if whole else ""))
                          + " (parameter isolation with lateral connections, as in Progressive Neural Networks, Rusu "
                          "et al. 2016).")
-    slow = {t: f for t, f in cfg.get("later_backbone_lr_scale", {}).items() if f != 1}
+    slow = {t: f for t, f in cfg.get("later_backbone_lr_scale", {}).items() if f != 1 and t not in held}
     if slow:
         lines.append(f"- **Slower backbone in later stages**: in the method's stage of each task in {slow}, the backbone "
                      f"learns at that factor times its usual rate ({cfg['backbone_lr']} x the task's lr scale), so the new "

@@ -502,6 +502,24 @@ def test_a_stage_that_holds_the_earlier_tasks_trains_the_new_one_alone(tiny_data
     assert all(p.requires_grad for p in model.backbone.parameters())
 
 
+def test_report_names_the_stages_that_hold_the_earlier_tasks():
+    """held_stages reads a run's config.json; the method paragraph describes parameter isolation (no replay, no
+    distillation) when every later stage holds, names the held stages when some do, and says nothing of it when none."""
+    isolate = dict(grow_neck_head={"det": 16, "cls": 8}, freeze_old_channels=("neck", "head"))
+    every = H.make_config("smoke", **isolate, later_backbone_lr_scale={"det": 0.0, "cls": 0.0}).to_dict()
+    some = H.make_config("smoke", **isolate, later_backbone_lr_scale={"det": 0.0}).to_dict()
+    none = H.make_config("smoke").to_dict()
+    assert [H.held_stages(c) for c in (every, some, none)] == [["det", "cls"], ["det"], []]
+    text = {name: " ".join(H._method_paragraph(c, "")) for name, c in (("every", every), ("some", some), ("none", none))}
+    assert "parameter isolation" in text["every"] and "images per earlier task per step" not in text["every"]
+    assert "bit for bit" in text["every"] and "{'det': 16, 'cls': 8}" in text["every"]
+    assert "The stages of det hold every earlier task" in text["some"] and "replay" in text["some"]
+    assert "hold every earlier task" not in text["none"] and "parameter isolation" not in text["none"]
+    assert not any("Slower backbone" in line for line in H._method_extras(every))  # a held backbone is not "slower"
+    # a config.json from before a field existed reads today's default for it
+    assert H.held_stages({k: v for k, v in every.items() if k != "later_backbone_lr_scale"}) == []
+
+
 def test_frozen_old_channels_of_the_neck_alone(tiny_data):
     """freeze_old_channels ("neck",): the neck's old channels stay bit for bit while the head's old channels and
     segmentation's output rows train with the new task; only the neck's BatchNorm is hooked. Unknown parts are refused."""
