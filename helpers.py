@@ -1550,6 +1550,7 @@ class UniHeadNet(nn.Module):
         self.head = UniHead(head_channels, num_det_classes, norm=norm)
         self.num_det_classes, self.box_scale, self.stride = num_det_classes, box_scale, OUTPUT_STRIDE
         self.freeze_neck_head_bn = False  # set by later stages: BatchNorm statistics of neck and head stay put
+        self.backbone_held = False  # set by a stage whose backbone does not learn: it runs as in evaluation
 
     @property
     def width(self) -> int:
@@ -1558,6 +1559,8 @@ class UniHeadNet(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
+        if self.backbone_held:  # a fixed feature extractor: no stochastic depth, the features it gives when scored
+            self.backbone.eval()
         if self.freeze_neck_head_bn:
             for m in [*self.neck.modules(), *self.head.modules()]:
                 if isinstance(m, nn.BatchNorm2d):
@@ -2572,7 +2575,9 @@ def make_stage(model: UniHeadNet, task: str, data: dict, cfg: Config, *, earlier
                if later and not held else None)
     teacher = None if held else teacher
     backbone_scale = cfg.later_backbone_lr_scale[task] if later else 1.0
-    model.backbone.requires_grad_(backbone_scale > 0)  # a backbone that does not learn costs no backward pass
+    # a backbone that does not learn costs no backward pass, and gives the features it will give when scored
+    model.backbone.requires_grad_(backbone_scale > 0)
+    model.backbone_held = backbone_scale == 0
     optimizer = torch.optim.AdamW(_param_groups(model, cfg, lr_scale, backbone_scale))
     steps = max(1, epochs * len(loader))
     # at least 10 warm-up steps: a fresh AdamW moves every weight by about lr in its first steps, whatever

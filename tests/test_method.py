@@ -488,6 +488,7 @@ def test_a_stage_that_holds_the_earlier_tasks_trains_the_new_one_alone(tiny_data
     assert stage.replay is None and stage.teacher is None and stage.task_weight == 1.0
     assert not any(p.requires_grad for p in model.backbone.parameters())
     assert not any(g["name"].startswith("backbone") for g in stage.optimizer.param_groups)
+    assert model.train().training and not model.backbone.training  # a fixed extractor: no stochastic depth
     stage.frozen.remove()
     record = H.train_stage(model, "det", tiny_data, cfg, tmp_path / "held", **kw)
     assert len(record["probe"]) == 1 and len(record["history"]) == 2
@@ -499,7 +500,7 @@ def test_a_stage_that_holds_the_earlier_tasks_trains_the_new_one_alone(tiny_data
     assert all(torch.equal(v, backbone[k]) for k, v in model.backbone.state_dict().items())
     # the next stage that trains the backbone gives it its gradients back
     H.make_stage(model, "cls", tiny_data, cfg, earlier=["seg", "det"], teacher=teacher, replay=True)
-    assert all(p.requires_grad for p in model.backbone.parameters())
+    assert all(p.requires_grad for p in model.backbone.parameters()) and model.train().backbone.training
 
 
 def test_report_names_the_stages_that_hold_the_earlier_tasks():
