@@ -210,8 +210,14 @@ class Config:
     # Below 1 the new task moves the shared features, which the earlier tasks read, less (issue 11's 'lower
     # backbone learning rate in later stages'). Stage 3 from the published seed-0 stage-2 weights at 0.25 / 0
     # (results/experiments/stage3 s0-bblr*): mIoU 0.452 / 0.446, mAP 0.0126 / 0.0138, top-1 0.917 / 0.900 against
-    # 0.452 / 0.0141 / 0.917 at 1: segmentation's loss in stage 3 does not come through the backbone; 1 everywhere
-    later_backbone_lr_scale: dict[str, float] = field(default_factory=lambda: {"seg": 1.0, "det": 1.0, "cls": 1.0})
+    # 0.452 / 0.0141 / 0.917 at 1: segmentation's loss in stage 3 does not come through the backbone.
+    # 0 holds the backbone (no gradient, run as in evaluation); with freeze_old_channels on neck and head and a grown
+    # stage, the stage then holds every earlier task exactly (holds_earlier_tasks): classification's stage, the last,
+    # learns on fresh channels only, and neither segmentation nor detection can move in it (they lost there before:
+    # the published quick runs of 2026-11-24, seed 0, detection 0.0361 -> 0.0266 in stage 3). Detection's stage keeps
+    # 1: on a held backbone it learned too little (seed 0, 384 px, from the same stage-1 weights, 128 fresh channels:
+    # mAP 0.0231 against 0.0405 alone; results/experiments/isolate s2-iso128-*)
+    later_backbone_lr_scale: dict[str, float] = field(default_factory=lambda: {"seg": 1.0, "det": 1.0, "cls": 0.0})
     # WiSE-FT after a stage with earlier tasks: weights = start + wise_alpha * (trained - start), the stage's own
     # output channels kept as trained; 1.0: no mixing. A fixed rule, never chosen on val. Stage 3 of the published
     # quick runs mixed after the fact (results/experiments/stage3 s0-, s1-wise*), seed 0 / 1, alpha 1 / 0.75 / 0.5:
@@ -249,8 +255,10 @@ class Config:
     # the published stage-1 weights, seed 0 / 1 (results/experiments/pipeline-grow128): stage-2 end mAP / mAP@0.5 /
     # mIoU 0.0208 / 0.072 / 0.475 -> 0.0175 / 0.064 / 0.480 and 0.0225 / 0.073 / 0.453 -> 0.0219 / 0.074 / 0.494;
     # the train images fitted better (heatmap loss 2.72 / 2.59 -> 2.51 / 2.51), segmentation kept better, detection
-    # on val no closer to its single-task 0.0278 / 0.0250, the stage 11 / 20 % longer: 64
-    grow_neck_head: dict[str, int] = field(default_factory=lambda: {"seg": 0, "det": 64, "cls": 0})
+    # on val no closer to its single-task 0.0278 / 0.0250, the stage 11 / 20 % longer: 64 then.
+    # Since freeze_old_channels holds the old channels (below): detection 128 (as much capacity as it has alone),
+    # classification 64 (320 channels in all: 6.61M parameters with Lite0, 7.25M with B0)
+    grow_neck_head: dict[str, int] = field(default_factory=lambda: {"seg": 0, "det": 128, "cls": 64})
     # parts ("neck", "head") whose old channels a stage that grows them holds fixed: the channels the earlier stages
     # fitted keep their weights and BatchNorm statistics (and normalise with those statistics in training as well),
     # and with "head" the head's output rows of the other tasks stay as they are; the fresh channels, the stage's own
@@ -267,8 +275,10 @@ class Config:
     # (the chain trained on the other 200, freeze-old hs*): final mAP 0.0112 / 0.0130 -> 0.0096 / 0.0105, mIoU 0.279
     # / 0.286 -> 0.256 / 0.268, top-1 0.950 / 0.975 -> 0.925 / 0.950, largest drop 1.6 / 0.0 % -> 9.7 / 4.0 %: worse
     # there in every task and seed. With 64 fresh channels detection paid more (stage-2 end mAP 0.0146 / 0.0192); the
-    # neck alone held kept segmentation less (seed 0: 0.0199 / 0.486). Off: ()
-    freeze_old_channels: tuple[str, ...] = ()
+    # neck alone held kept segmentation less (seed 0: 0.0199 / 0.486). Those pipelines lost detection in the
+    # classification stage, whose backbone trained; with that stage held (later_backbone_lr_scale cls 0) nothing is
+    # lost there, and segmentation's loss in detection's stage is what holding the old channels keeps small: both
+    freeze_old_channels: tuple[str, ...] = ("neck", "head")
     det_kd_conf: float = 0.3  # teacher heat above which its boxes are distilled
     freeze_backbone_bn: bool = True
     # norm "bn": in every stage after the first, the neck's and head's BatchNorm statistics stay as the first
@@ -367,7 +377,7 @@ PROFILES: dict[str, dict[str, Any]] = {
                   image_size=96, cls_image_size=64, batch_size=8, neck_channels=48, head_channels=48,
                   epochs={"seg": 8, "det": 16, "cls": 15}, lr=3e-3, backbone_lr=1e-3, replay_per_task=4,
                   warmup_epochs=0.5, num_workers=0, eval_every=1, checkpoint_every=2, latency_runs=5,
-                  grow_neck_head={"det": 16},
+                  grow_neck_head={"det": 16, "cls": 8},
                   cls_teacher_weight=0.0),  # the ImageNet classifier knows nothing of the synthetic shapes
 }
 
@@ -3538,7 +3548,9 @@ def _report_method(ctx: dict) -> list[str]:
 
 def held_stages(cfg: dict) -> list[str]:
     """The tasks whose stage in the method holds every earlier task (`holds_earlier_tasks`), in the run's order; cfg
-    as a run's config.json holds it (a field the run predates takes today's default)."""
+    as a run's config.json holds it (a run from before the fields that hold a stage existed held none)."""
+    if any(key not in cfg for key in ("grow_neck_head", "freeze_old_channels", "later_backbone_lr_scale")):
+        return []
     fields = Config().to_dict()
     _layer(fields, {k: v for k, v in cfg.items() if k in fields})
     config = Config(**fields)

@@ -264,8 +264,9 @@ def test_mosaic_keeps_boxes_on_their_objects():
 
 def test_later_stages_keep_neck_and_head_batchnorm_statistics(tiny_data):
     """With BatchNorm in neck and head, the first stage trains its statistics; a later stage's training step
-    moves the weights but not one running statistic (its images would otherwise re-estimate them)."""
-    cfg = H.make_config("smoke", norm="bn", batch_size=4, replay_per_task=2)
+    moves the weights but not one running statistic (its images would otherwise re-estimate them). A stage that does
+    not grow the neck and head (one that does gives its fresh channels live statistics: see grow_neck_head)."""
+    cfg = H.make_config("smoke", norm="bn", batch_size=4, replay_per_task=2, grow_neck_head={"cls": 0})
     model = H.initial_model(cfg)
     first = H.make_stage(model, "seg", tiny_data, cfg)
     model.train()
@@ -313,7 +314,7 @@ def test_redrawn_stage_starts_from_the_initial_neck_and_head_and_keeps_the_backb
     backbone as stage 1 left it), trains their BatchNorm statistics live, and distils from the model before the
     redraw; naive fine-tuning and the stage of a task not listed keep every weight they were given."""
     cfg = H.make_config("smoke", batch_size=4, epochs={"seg": 1, "det": 1, "cls": 1}, probe_epochs={"det": 0},
-                        redraw_neck_head=("det",), grow_neck_head={"det": 0})  # redraw alone (with growth: next test)
+                        redraw_neck_head=("det",), grow_neck_head={"det": 0, "cls": 0})  # redraw alone (with growth: next test)
     initial = {k: v.clone() for k, v in H.initial_model(cfg).state_dict().items()}
     model = H.initial_model(cfg)
     with torch.no_grad():  # stands for stage 1: every weight moved
@@ -371,7 +372,7 @@ def test_grown_neck_and_head_keep_every_output_and_train_the_new_channels(tiny_d
     reach no existing channel or output yet), every old weight sits where it was, and one training step sends
     gradient into the new channels' weights into the outputs (so they can join). A checkpoint records the width:
     load_checkpoint rebuilds the grown model with the same outputs."""
-    cfg = H.make_config("smoke", batch_size=4, grow_neck_head={"det": 16})
+    cfg = H.make_config("smoke", batch_size=4, grow_neck_head={"det": 16, "cls": 0})
     model = H.initial_model(cfg).eval()
     image = torch.randn(2, 3, 96, 96).contiguous(memory_format=torch.channels_last)
     before = model(image)["raw"]
@@ -411,8 +412,8 @@ def test_frozen_old_channels_keep_the_earlier_tasks_outputs_while_the_new_ones_t
     and so is every old weight and BatchNorm statistic of the neck and head, while detection's outputs and the new
     channels changed. In training the old channels are normalised with their kept statistics (as in evaluation);
     the new channels with the batch's. The stage takes its hooks off when it ends."""
-    cfg = H.make_config("smoke", batch_size=4, grow_neck_head={"det": 16}, freeze_old_channels=("neck", "head"),
-                        backbone_lr=0.0, ema_decay=0.0, epochs={"det": 1})
+    cfg = H.make_config("smoke", batch_size=4, grow_neck_head={"det": 16, "cls": 0},
+                        freeze_old_channels=("neck", "head"), backbone_lr=0.0, ema_decay=0.0, epochs={"det": 1})
     model = H.initial_model(cfg)
     teacher = H.freeze_teacher(model)
     H.start_stage(model, "det", cfg, earlier=["seg"], replay=True)
@@ -468,7 +469,7 @@ def test_a_stage_that_holds_the_earlier_tasks_trains_the_new_one_alone(tiny_data
     what it was, while detection learned. Any one of the three conditions missing: replay and distillation as
     before."""
     cfg = H.make_config("smoke", batch_size=4, grow_neck_head={"det": 16}, freeze_old_channels=("neck", "head"),
-                        later_backbone_lr_scale={"det": 0.0}, epochs={"det": 2}, probe_epochs={"det": 1})
+                        later_backbone_lr_scale={"det": 0.0, "cls": 1.0}, epochs={"det": 2}, probe_epochs={"det": 1})
     model = H.initial_model(cfg)
     teacher = H.freeze_teacher(model)
     kw = dict(earlier=["seg"], teacher=teacher, replay=True)
@@ -508,8 +509,8 @@ def test_report_names_the_stages_that_hold_the_earlier_tasks():
     distillation) when every later stage holds, names the held stages when some do, and says nothing of it when none."""
     isolate = dict(grow_neck_head={"det": 16, "cls": 8}, freeze_old_channels=("neck", "head"))
     every = H.make_config("smoke", **isolate, later_backbone_lr_scale={"det": 0.0, "cls": 0.0}).to_dict()
-    some = H.make_config("smoke", **isolate, later_backbone_lr_scale={"det": 0.0}).to_dict()
-    none = H.make_config("smoke").to_dict()
+    some = H.make_config("smoke", **isolate, later_backbone_lr_scale={"det": 0.0, "cls": 1.0}).to_dict()
+    none = H.make_config("smoke", later_backbone_lr_scale={"cls": 1.0}).to_dict()
     assert [H.held_stages(c) for c in (every, some, none)] == [["det", "cls"], ["det"], []]
     text = {name: " ".join(H._method_paragraph(c, "")) for name, c in (("every", every), ("some", some), ("none", none))}
     assert "parameter isolation" in text["every"] and "images per earlier task per step" not in text["every"]
@@ -517,7 +518,8 @@ def test_report_names_the_stages_that_hold_the_earlier_tasks():
     assert "The stages of det hold every earlier task" in text["some"] and "replay" in text["some"]
     assert "hold every earlier task" not in text["none"] and "parameter isolation" not in text["none"]
     assert not any("Slower backbone" in line for line in H._method_extras(every))  # a held backbone is not "slower"
-    # a config.json from before a field existed reads today's default for it
+    # a config.json from before a field that holds a stage existed held none (today's defaults hold cls)
+    assert H.held_stages(H.make_config("smoke").to_dict()) == ["cls"]
     assert H.held_stages({k: v for k, v in every.items() if k != "later_backbone_lr_scale"}) == []
 
 
@@ -563,7 +565,7 @@ def test_a_sequence_that_grows_resumes_and_writes_a_loadable_final_model(tiny_da
     second call loads every finished stage (the grown stage's weights into a grown model) and gives the same
     final row; final.pt rebuilds at the grown width with the same outputs."""
     cfg = H.make_config("smoke", out_dir=str(tmp_path), batch_size=4, epochs={"seg": 1, "det": 1, "cls": 1},
-                        probe_epochs={"det": 1, "cls": 0}, grow_neck_head={"det": 16}, final_fp16=False)
+                        probe_epochs={"det": 1, "cls": 0}, grow_neck_head={"det": 16, "cls": 0}, final_fp16=False)
     first = H.run_sequence(cfg, tiny_data)
     assert first["model"].width == 64
     assert H.run_sequence(cfg, tiny_data, "naive")["model"].width == 48

@@ -141,7 +141,7 @@ def test_loss_weights_scale_exactly_the_terms_they_name(synthetic_root):
     the current images only (replay terms keep their weight); replay_weight (of the stage's task) scales the replayed
     tasks' own losses only (their distillation keeps kd_weight). Same weights, same batches: the ratios are exact."""
     data = H.load_all(synthetic_root, verbose=False)
-    base = H.make_config("smoke", replay_per_task=2, batch_size=2)
+    base = H.make_config("smoke", replay_per_task=2, batch_size=2, later_backbone_lr_scale={"cls": 1.0})  # not held
     model = H.initial_model(base).eval()  # eval: no drop-connect, so two forward passes agree
     teacher = H.freeze_teacher(H.initial_model(base, torch.device("cpu")))
     torch.manual_seed(0)
@@ -190,7 +190,10 @@ def test_loss_weights_scale_exactly_the_terms_they_name(synthetic_root):
 def test_task_weight_acts_only_in_the_methods_later_stages(synthetic_root):
     """A single-task baseline, the first stage and naive fine-tuning have no replay or distillation term to weigh
     their loss against: they train at 1 whatever task_weight says, so tuning the method never moves a baseline."""
-    cfg = H.make_config("smoke", task_weight={"seg": 2.0, "det": 3.0, "cls": 4.0})
+    cfg = H.make_config("smoke", task_weight={"seg": 2.0, "det": 3.0, "cls": 4.0}, later_backbone_lr_scale={"cls": 1.0})
+    held = H.make_config("smoke", task_weight={"seg": 2.0, "det": 3.0, "cls": 4.0})  # its cls stage holds seg and det
+    assert H.holds_earlier_tasks(held, "cls", ["seg", "det"], True)
+    assert H.own_loss_weight(held, "cls", ["seg", "det"], True) == 1.0  # nothing else to weigh against
     assert H.own_loss_weight(cfg, "det", [], False) == 1.0  # single-task baseline
     assert H.own_loss_weight(cfg, "seg", [], True) == 1.0  # the method's first stage
     assert H.own_loss_weight(cfg, "det", ["seg"], False) == 1.0  # naive fine-tuning
@@ -260,8 +263,9 @@ def test_teacher_never_changes_and_frozen_bn_statistics_do_not_move(smoke_run, t
     moved = [k for k, v in model.backbone.state_dict().items() if "running" in k and not torch.equal(bn_before[k], v)]
     assert bn_before and not moved
     # and across the real pipeline: the backbone's BatchNorm buffers are identical after every stage (the last
-    # stage's weights as the fp16 final model stores them), and those of neck and head after every stage but
-    # the first, which trained them, and one that added channels (grow_neck_head: live statistics there)
+    # stage's weights as the fp16 final model stores them), and those of the neck's and head's channels after every
+    # stage but the first, which trained them (a stage that adds channels gives only its fresh ones live statistics:
+    # freeze_old_channels holds the old ones)
     stages = [torch.load(H.stage_dir(cfg, "full", k) / "weights.pt", weights_only=False)["model"] for k in range(3)]
     init = H.initial_model(cfg).state_dict()
     as_stored = lambda k, v: v.half().float() if k == 2 and cfg.final_fp16 else v  # noqa: E731
@@ -270,12 +274,13 @@ def test_teacher_never_changes_and_frozen_bn_statistics_do_not_move(smoke_run, t
     head_stats = [k for k in init if k.startswith(("neck.", "head.")) and "running" in k]
     assert head_stats and cfg.norm == "bn"
     grown = [k for k in (1, 2) if H.grows_neck_head(cfg, cfg.order[k], cfg.order[:k], replay=True)]
-    assert grown == [1]  # the smoke profile grows the detection stage
+    assert grown == [1, 2] and set(cfg.freeze_old_channels) == {"neck", "head"}  # smoke grows both, holds old channels
     for key in head_stats:
         assert not torch.equal(init[key], stages[0][key]), key  # stage 1 trained them
-        for k in (1, 2):
+        for k in grown:
             kept = stages[k][key][tuple(slice(0, n) for n in stages[k - 1][key].shape)]  # the channels it started with
-            assert torch.equal(as_stored(k, stages[k - 1][key]), kept) != (k in grown), (key, k)
+            assert torch.equal(as_stored(k, stages[k - 1][key]), kept), (key, k)  # as the stage before left them
+            assert len(stages[k][key]) - len(kept) == cfg.grow_neck_head[cfg.order[k]]  # and the fresh ones
     # while the weights did train
     assert not torch.equal(init["head.layers.2.weight"], stages[2]["head.layers.2.weight"])
 
