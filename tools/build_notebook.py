@@ -28,11 +28,13 @@ md(r"""
 
 One EfficientNet backbone, one FPN layer and **one 3-layer head whose single output tensor holds all three tasks**
 (detection heatmaps and boxes, 21 segmentation logits, 10 classification logits). It is trained
-**segmentation -> detection -> classification**, one task's data per stage, and kept from forgetting by
-distillation from the previous stage's model, a small replay of earlier tasks (at most 10 images per task per step)
-and frozen BatchNorm statistics; detection, the second stage, starts by training only its own output channels
-(probe first, `probe_epochs`) so that it does not wreck the features segmentation needs. Classification also
-distils from the backbone's own pretrained ImageNet
+**segmentation -> detection -> classification**, one task's data per stage. Each later stage adds fresh channels to
+the neck and to every head layer and holds the channels the earlier stages fitted (`grow_neck_head`,
+`freeze_old_channels`); each layer stays one conv emitting all outputs. Detection's stage also trains the backbone,
+so segmentation is kept there by distillation from the stage-1 model and a small replay (at most 10 images per task
+per step); classification's stage holds the backbone as well, so segmentation and detection cannot change in it at
+all (`later_backbone_lr_scale`). A later stage starts by training only its own output channels (probe first,
+`probe_epochs`). Classification also distils from the backbone's own pretrained ImageNet
 classifier (its logits of the 10 Imagenette classes; pretrained knowledge the assignment allows, disclosed in
 the report; `cls_teacher_weight`).
 
@@ -84,8 +86,8 @@ BACKBONE = None       # 'efficientnet-b0' (ImageNet weights downloaded) or 'effi
 EPOCHS = None         # e.g. {"seg": 40, "det": 80, "cls": 10}
 LR = None             # head and neck learning rate; the backbone uses BACKBONE_LR
 BACKBONE_LR = None
-STRATEGY = None       # 'full' (distillation + replay) or 'naive'
-TASK_WEIGHT = None    # e.g. {"cls": 2.0}: weight of a stage's own loss against replay and distillation
+STRATEGY = None       # 'full' (fresh channels, old ones held, distillation + replay) or 'naive'
+TASK_WEIGHT = None    # e.g. {"det": 2.0}: weight of a stage's own loss against replay and distillation
 KD_WEIGHT = None      # e.g. {"det": 2.0}: weight of an earlier task's distillation terms
 SEED = None
 OUT_DIR = None        # where checkpoints, logs, figures and the report go
@@ -124,7 +126,7 @@ H.show_figure(H.plot_samples({t: data[t] for t in cfg.order}))
 """)
 
 md("## 4. Model\nParameters per part, the head's layers, the assignment's constraints as asserts, and the latency here, "
-   "at the width the final model will have (the detection stage adds fresh channels to the neck and head: `grow_neck_head`).")
+   "at the width the final model will have (the later stages add fresh channels to the neck and head: `grow_neck_head`).")
 code(r"""
 model = H.initial_model(cfg, device)
 H.grow_neck_head(model, H.final_width(cfg) - model.width)  # as wide as the final model will be (grow_neck_head)
@@ -142,9 +144,11 @@ del model
 
 for k, task in enumerate(("first", "second", "third")):
     md(f"## {5 + k}. Stage {k + 1}\nThe {task} task of `cfg.order` alone"
-       + (" (plus replay and distillation of the earlier ones; a task given a `single_task_teacher_weight`, off by "
-             "default, also distils its own single-task model, trained here first when section 8 has not run yet, "
-             "which then loads it)." if k else ".")
+       + (" on fresh channels, the earlier tasks' channels held (plus replay and distillation of the earlier tasks "
+             "where the stage trains the backbone, as detection's does; classification's holds it, and the earlier "
+             "tasks' scores do not move; a task given a `single_task_teacher_weight`, off by default, also distils its "
+             "own single-task model, trained here first when section 8 has not run yet, which then loads it)."
+          if k else ".")
        + " Set the flag to train it again after changing parameters; a finished stage is loaded, not retrained.")
     code(f"""
 RETRAIN_STAGE_{k + 1} = False
@@ -161,7 +165,7 @@ baselines = H.run_single_task_baselines(cfg, data) if cfg.single_task_baselines 
 pd.DataFrame(baselines).T
 """)
 
-md("## 9. Ablation: naive fine-tuning\nThe same stages without distillation or replay, on the same budget: what forgetting looks like.")
+md("## 9. Ablation: naive fine-tuning\nThe same stages without fresh channels, held channels, distillation or replay, on the same budget: what forgetting looks like.")
 code(r"""
 if cfg.compare_naive:
     H.run_sequence(cfg, data, "naive")

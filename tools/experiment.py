@@ -189,6 +189,16 @@ SECTIONS = {  # subfolder of results/experiments -> what its experiments compare
               "trained at the same time with one PyTorch thread each. bf16-384-seed0, bf16-384-seed1: the same, "
               "trained in bf16 autocast on an AMD EPYC with avx512_bf16 (cpu_bf16 'auto' as it was then by default; "
               "from a worktree of a67973f carrying the cpu_bf16 change as it landed; evaluation in fp32 as before).",
+    "isolate": "Later stages that hold every earlier task (quick profile, 384 px, seed 0, 2026-12-02; holds_earlier_tasks: "
+               "fresh channels, the old ones of neck and head held, later_backbone_lr_scale 0, no replay or "
+               "distillation), from the stage-1 weights of runs/quick-seed0 (mIoU 0.5077): s2-iso128-*: detection on "
+               "128 fresh channels and a held backbone, run in training mode (stochastic depth on) and as in "
+               "evaluation (evalbb, the default since); detection alone from the ImageNet weights scored 0.0405 / "
+               "0.1243 (results/quick-seed0 single_task): a held backbone costs detection 43 %, so detection's stage "
+               "trains it. s3-iso64-*: classification on 64 fresh channels and a held backbone from "
+               "s2-iso128-evalbb's weights: segmentation and detection bit for bit as before it (the same figures); "
+               "top-1 0.883 at the profile's 12 epochs, 0.850 at 30 epochs (e30) and at 3x the learning rate (lr3), "
+               "against 0.917 for classification alone (results/quick-seed0 single_task).",
     "seg": "Single-task segmentation (stage 1), quick profile at 256 px, 20 epochs: augmentation.",
     "stage2": "Detection as stage 2 after segmentation (from the same stage-1 weights, 256 px): the method's levers; "
               "seg.miou is the earlier task kept.",
