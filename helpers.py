@@ -3473,7 +3473,9 @@ def _report_architecture(ctx: dict) -> list[str]:
     head_stats = "**"
     if norm == "BatchNorm" and cfg.get("freeze_head_bn_after_first", True):
         head_stats = ", its statistics frozen after stage 1**" + (
-            " (live in a stage that adds channels, whose new ones have none yet)"
+            (" (a stage that adds channels gives its fresh ones live statistics and holds the old ones')"
+             if cfg.get("freeze_old_channels") else
+             " (live in a stage that adds channels, whose new ones have none yet)")
             if any(cfg.get("grow_neck_head", {}).values()) else "")
     lines = ["## Architecture", "", "| part | what | parameters |", "| --- | --- | ---: |",
              f"| backbone | {meta['backbone']} (ImageNet weights), BatchNorm {frozen}; features at strides 8, 16, 32 | {p['backbone']:,} |",
@@ -3557,6 +3559,10 @@ def held_stages(cfg: dict) -> list[str]:
     return [t for k, t in enumerate(config.order) if holds_earlier_tasks(config, t, config.order[:k], True)]
 
 
+def _stages_of(tasks: Sequence[str]) -> str:
+    return f"the stage{'s' if len(tasks) > 1 else ''} of {', '.join(tasks)}"
+
+
 def _method_paragraph(cfg: dict, naive: str) -> list[str]:
     """What the method does against forgetting: parameter isolation where every later stage holds the earlier tasks,
     else distillation and replay (and which stages hold, if some do)."""
@@ -3578,18 +3584,20 @@ def _method_paragraph(cfg: dict, naive: str) -> list[str]:
                 "price is paid by the new tasks: they learn on the backbone features stage 1 left, where their "
                 "single-task baselines train the backbone too, so each later task's drop against its baseline is "
                 "what the rule below measures. " + ablation]
-    held_note = (f" The stages of {', '.join(held)} hold every earlier task instead (their backbone does not learn and "
-                 "the old channels of neck and head are held): they run without replay or distillation, which would "
-                 "have no gradient to give." if held else "")
+    trained = [t for t in order[1:] if t not in held]  # the later stages that replay and distil
+    per_stage = lambda field: {t: cfg[field][t] for t in trained}  # noqa: E731
+    held_note = (f" {_stages_of(held).capitalize()} hold{'' if len(held) > 1 else 's'} every earlier task instead (the backbone does not learn and the old channels of neck and head are "
+                 "held): there the earlier tasks' outputs cannot change, and no replay or distillation runs (they "
+                 "would have no gradient to give)." if held else "")
     return [f"The method (`full`): in stage k, the model after stage k-1 is a frozen teacher. Each step adds "
             f"(1) **distillation** of every earlier task's outputs on the replayed images and, weighted per stage "
-            f"by {cfg['kd_current_weight']} (0: none), on the stage's own images (Learning without Forgetting, Li & Hoiem, TPAMI 2017; KL at temperature {cfg['kd_temperature']} "
+            f"by {per_stage('kd_current_weight')} (0: none), on the stage's own images (Learning without Forgetting, Li & Hoiem, TPAMI 2017; KL at temperature {cfg['kd_temperature']} "
             f"for segmentation and classification logits, Bernoulli KL on heatmaps plus GIoU to the teacher's "
             f"boxes where its heat exceeds {cfg['det_kd_conf']} for detection), and (2) **replay** of "
             f"{cfg['replay_per_task']} images per earlier task per step (the assignment allows 10) with their own "
             f"labels (experience replay; Chaudhry et al., *On Tiny Episodic Memories in Continual Learning*, 2019), "
-            f"those losses weighted per stage by {cfg['replay_weight']}. "
-            f"Each later stage's own loss is weighted by {cfg['task_weight']} against those terms (the single-task "
+            f"those losses weighted per stage by {per_stage('replay_weight')}. "
+            f"Each such stage's own loss is weighted by {per_stage('task_weight')} against those terms (the single-task "
             f"baselines and the first stage have no other term and train at 1).{held_note} " + ablation]
 
 
@@ -3603,6 +3611,7 @@ def _method_extras(cfg: dict) -> list[str]:
                      "only its task's own output channels of the head's last layer, everything shared frozen (the other "
                      "tasks' outputs cannot change), then "
                      + ("trains its fresh channels with them." if everything else
+                        "trains what its stage trains." if held or cfg.get("freeze_old_channels") else
                         "fine-tunes everything with distillation and replay."))
     if cfg.get("redraw_neck_head"):
         lines.append(f"- **Fresh neck and head for {', '.join(cfg['redraw_neck_head'])}**: that stage starts with the "
@@ -3634,7 +3643,8 @@ def _method_extras(cfg: dict) -> list[str]:
                      "table), drawn fresh and wired in with zero weights wherever they would reach an existing channel "
                      "or an output, so every output is unchanged at the stage's start; the new task gets capacity that "
                      "the earlier tasks have not shaped"
-                     + (". " if everything else ", and they keep their channels through distillation and replay. ")
+                     + (". " if everything or cfg.get("freeze_old_channels") else
+                        ", and they keep their channels through distillation and replay. ")
                      + "Each layer stays one conv emitting all outputs (a single branch). The single-task "
                      "baselines and the naive ablation keep the starting width.")
         parts = list(cfg.get("freeze_old_channels") or [])
@@ -3644,15 +3654,15 @@ def _method_extras(cfg: dict) -> list[str]:
                          "earlier stages fitted keep their weights and BatchNorm statistics (they normalise with those "
                          "statistics in training as well)"
                          + (" and the other tasks' output rows stay as they were" if "head" in parts else "")
-                         + "; the fresh channels, the stage's own output rows (which read old and new channels alike)"
-                         + ("" if whole else ", the rest of the neck and head")
-                         + (" train; the backbone does not (later_backbone_lr_scale 0), so the earlier tasks do not "
-                            "move at all" if everything else
-                            " and the backbone train"
-                            + (f" (in the stages of {', '.join(held)} the backbone does not, later_backbone_lr_scale 0: "
-                               "there the earlier tasks do not move at all)" if held else "")
-                            + (", so the earlier tasks move only as far as the backbone moves under their replay and "
-                               "distillation" if whole else ""))
+                         + "; the fresh channels" + ("" if whole else ", the rest of the neck and head")
+                         + " and the stage's own output rows (which read old and new channels alike) train. "
+                         + ("The backbone does not (later_backbone_lr_scale 0), so the earlier tasks do not move at "
+                            "all" if everything else
+                            f"The backbone trains in {_stages_of([t for t in cfg['order'][1:] if t not in held])}"
+                            + (", so there the earlier tasks move only as far as the backbone moves under their replay "
+                               "and distillation" if whole else "")
+                            + (f"; in {_stages_of(held)} it does not (later_backbone_lr_scale 0), so there "
+                               "the earlier tasks do not move at all" if held else ""))
                          + " (parameter isolation with lateral connections, as in Progressive Neural Networks, Rusu "
                          "et al. 2016).")
     slow = {t: f for t, f in cfg.get("later_backbone_lr_scale", {}).items() if f != 1 and t not in held}

@@ -515,8 +515,8 @@ def test_report_names_the_stages_that_hold_the_earlier_tasks():
     text = {name: " ".join(H._method_paragraph(c, "")) for name, c in (("every", every), ("some", some), ("none", none))}
     assert "parameter isolation" in text["every"] and "images per earlier task per step" not in text["every"]
     assert "bit for bit" in text["every"] and "{'det': 16, 'cls': 8}" in text["every"]
-    assert "The stages of det hold every earlier task" in text["some"] and "replay" in text["some"]
-    assert "hold every earlier task" not in text["none"] and "parameter isolation" not in text["none"]
+    assert "The stage of det holds every earlier task" in text["some"] and "replay" in text["some"]
+    assert "every earlier task instead" not in text["none"] and "parameter isolation" not in text["none"]
     assert not any("Slower backbone" in line for line in H._method_extras(every))  # a held backbone is not "slower"
     # a config.json from before a field that holds a stage existed held none (today's defaults hold cls)
     assert H.held_stages(H.make_config("smoke").to_dict()) == ["cls"]
