@@ -201,3 +201,17 @@ def test_score_only_with_another_checkpoints_backbone(tmp_path, synthetic_root):
     assert f"no training: {weights} scored with the backbone of {other} on" in run_tool("--table", tmp_path).stdout
     refused = run_tool("x", "--task", "seg", "--backbone-from", other, "--out", tmp_path)
     assert refused.returncode != 0 and "--backbone-from goes with --score-only" in refused.stderr
+
+
+def test_images_per_step_counts_replay_only_where_the_stage_replays():
+    """A record's train images/s counts the replayed images of a stage that replays, and none for a stage that holds
+    every earlier task (it runs without replay), a single-task stage or naive fine-tuning."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import experiment
+    import helpers as H
+    held = H.make_config("smoke")  # its classification stage holds segmentation and detection
+    replays = H.make_config("smoke", later_backbone_lr_scale={"cls": 1.0})
+    assert experiment.images_per_step(held, "cls", ["seg", "det"], True) == held.batch_size
+    assert experiment.images_per_step(replays, "cls", ["seg", "det"], True) == 8 + 2 * 4
+    assert experiment.images_per_step(replays, "cls", ["seg", "det"], False) == 8  # naive
+    assert experiment.images_per_step(replays, "det", [], True) == 8  # alone

@@ -52,8 +52,11 @@ def git_commit() -> str:
         return "unknown"
 
 
-def images_per_step(cfg: H.Config, earlier: list[str], replay: bool) -> int:
-    return cfg.batch_size + (cfg.replay_per_task * len(earlier) if replay else 0)
+def images_per_step(cfg: H.Config, task: str, earlier: list[str], replay: bool) -> int:
+    """Training images one step reads: the batch, plus the replayed ones where the stage replays (a stage that
+    holds every earlier task does not)."""
+    replays = replay and bool(earlier) and not H.holds_earlier_tasks(cfg, task, earlier, replay)
+    return cfg.batch_size + (cfg.replay_per_task * len(earlier) if replays else 0)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -103,7 +106,7 @@ def run(args: argparse.Namespace) -> dict:
               "config": cfg.to_dict(),
               "metrics": {k: v for k, v in metrics.items() if not isinstance(v, list)},
               "naive": args.naive,
-              "train_images_per_s": steps * images_per_step(cfg, earlier, replay) / train_seconds,
+              "train_images_per_s": steps * images_per_step(cfg, args.task, earlier, replay) / train_seconds,
               "train_seconds": train_seconds, "wall_seconds": wall, "history": record["history"]}
     H.write_json(result, Path(args.out) / f"{args.name}.json")
     if args.keep_weights:
