@@ -368,7 +368,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     # above its detector, 0.0361, and loses 26.5 % of it in classification's stage, as the 320 px run did). 320 px
     # (seed 0, results/experiments/pipeline-alone quick320-seed0-epyc-bf16): final 0.0176 / 0.0675 / 0.470 / 0.900.
     # Time: the 384 px pipeline of seed 0 trained 108.2 min sharing the 2-core AMD EPYC with seed 1's (one thread
-    # each); alone it was not timed (320 px alone: 45.7 min)
+    # each); alone it was not timed (320 px alone: 45.7 min). With the held channels (2026-12-02, 2-core Intel Xeon
+    # with AMX, alone): 89.6 min, of which the method 54.1 (detection's stage 33.7, classification's held one 1.9)
     "quick": dict(out_dir="runs/quick", backbone="efficientnet-lite0", image_size=384, cls_image_size=160,
                   cpu_bf16="auto", batch_size=8, epochs={"seg": 20, "det": 20, "cls": 12}, replay_per_task=4,
                   single_task_baselines=True, compare_naive=True, eval_every=2, num_workers=0, latency_runs=20),
@@ -3885,8 +3886,8 @@ def publish_run(run_dir: str | Path, dest: str | Path, report_path: str | Path =
                 with_weights: bool = False) -> Path:
     """Copy a run's artifacts into the project (dest), likewise each (run_dir, dest) of seed_runs, write the
     top-level report from them, and regenerate the README's results table when readme is given. with_weights
-    also copies the run's final.pt (fp16: about 9.5 MB with Lite0 and the grown neck and head), so reviewers can
-    score it with eval.py."""
+    also copies the run's final.pt (fp16: about 13 MB with Lite0 and the neck and head grown to 320 channels), so
+    reviewers can score it with eval.py."""
     dest = copy_artifacts(run_dir, dest)
     if with_weights:
         shutil.copyfile(Path(run_dir) / "final.pt", dest / "final.pt")
