@@ -369,7 +369,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     # (seed 0, results/experiments/pipeline-alone quick320-seed0-epyc-bf16): final 0.0176 / 0.0675 / 0.470 / 0.900.
     # Time: the 384 px pipeline of seed 0 trained 108.2 min sharing the 2-core AMD EPYC with seed 1's (one thread
     # each); alone it was not timed (320 px alone: 45.7 min). With the held channels (2026-12-02, 2-core Intel Xeon
-    # with AMX, alone): 89.6 min, of which the method 54.1 (detection's stage 33.7, classification's held one 1.9)
+    # with AMX, alone): 89.6 min, of which the method 54.1 (detection's stage 33.7, classification's held one 1.9);
+    # seed 1 on a 2-core AMD EPYC with avx512_bf16, alone, without the naive ablation: 70.9 min, the method 53.2
     "quick": dict(out_dir="runs/quick", backbone="efficientnet-lite0", image_size=384, cls_image_size=160,
                   cpu_bf16="auto", batch_size=8, epochs={"seg": 20, "det": 20, "cls": 12}, replay_per_task=4,
                   single_task_baselines=True, compare_naive=True, eval_every=2, num_workers=0, latency_runs=20),

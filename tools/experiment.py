@@ -182,13 +182,15 @@ def table(folder: Path) -> str:
 SECTIONS = {  # subfolder of results/experiments -> what its experiments compare
     "cls-holdout": "Classification's stage on a held backbone, checked on train images held out of training, not on "
                    "val (tools/holdout_split.py --hold 60 --tasks cls: trained on 180 Imagenette train images, scored "
-                   "on the other 60, 6 per class; 2026-12-02, seed 0): h-base-*: classification alone; h-s3-*: the "
-                   "method's stage 3 from the stage-2 weights of runs/quick-seed0. The rule, written before the "
+                   "on the other 60, 6 per class; 2026-12-02, seeds 0 and 1): h-base-*: classification alone; h-s3-*: the "
+                   "method's stage 3 from the stage-2 weights of runs/quick-seed0 or -seed1. The rule, written before the "
                    "results: a variant replaces the default (64 fresh channels, ImageNet teacher at 0.5) only if its "
                    "stage 3 scores at least two images more. teacher1: the ImageNet teacher at weight 1 in both (alone "
                    "0.983 against 0.950, stage 3 0.900 either way: the gap widens); grow96: 96 fresh channels (0.917 "
-                   "against 0.900: one image). Neither adopted. Segmentation and detection are the stage-2 figures in "
-                   "every row: a held stage cannot move them.",
+                   "against 0.900: one image). Neither adopted. Seed 1 (its stage-2 weights trained on an AMD EPYC): "
+                   "alone 0.983, stage 3 0.933, grow96 0.917: the held stage costs three held-out images in both seeds "
+                   "(as it costs three val images), and 96 channels gain one in seed 0 and lose one in seed 1. "
+                   "Segmentation and detection are the stage-2 figures in every row: a held stage cannot move them.",
     "det": "Single-task detection, quick profile (256 px unless stated), 20 epochs: the project's recipe, a plain "
            "reference recipe, the reference with one factor reverted, then additions on top of the base recipe. "
            "e14-320-seed0: 320 px for 14 epochs instead of 256 px for 20, about the same training time (10.5 against "
