@@ -182,8 +182,9 @@ def table(folder: Path) -> str:
 SECTIONS = {  # subfolder of results/experiments -> what its experiments compare
     "cls-holdout": "Classification's stage on a held backbone, checked on train images held out of training, not on "
                    "val (tools/holdout_split.py --hold 60 --tasks cls: trained on 180 Imagenette train images, scored "
-                   "on the other 60, 6 per class; 2026-12-02, seeds 0 and 1): h-base-*: classification alone; h-s3-*: the "
-                   "method's stage 3 from the stage-2 weights of runs/quick-seed0 or -seed1. The rule, written before the "
+                   "on the other 60, 6 per class; 2026-12-02, seeds 0 and 1): h-base-*: classification alone; "
+                   "h-s3-*: the method's stage 3 from the stage-2 weights of runs/quick-seed0 or -seed1. The rule, "
+                   "written before the "
                    "results: a variant replaces the default (64 fresh channels, ImageNet teacher at 0.5) only if its "
                    "stage 3 scores at least two images more. teacher1: the ImageNet teacher at weight 1 in both (alone "
                    "0.983 against 0.950, stage 3 0.900 either way: the gap widens); grow96: 96 fresh channels (0.917 "
@@ -219,7 +220,11 @@ SECTIONS = {  # subfolder of results/experiments -> what its experiments compare
                "against 0.917 for classification alone (results/quick-seed0 single_task).",
     "seg": "Single-task segmentation (stage 1), quick profile at 256 px, 20 epochs: augmentation.",
     "stage2": "Detection as stage 2 after segmentation (from the same stage-1 weights, 256 px): the method's levers; "
-              "seg.miou is the earlier task kept.",
+              "seg.miou is the earlier task kept. s2-noprobe-seed1 (2026-12-02, 384 px, the recipe of that day): "
+              "from the stage-1 weights of runs/quick-seed1 without the 3-epoch probe of detection's own outputs: "
+              "mAP / mAP@0.5 / mIoU 0.0159 / 0.055 / 0.492 against "
+              "0.0296 / 0.079 / 0.496 for the same seed's stage 2 with the probe (results/quick-seed1): the probe "
+              "stays.",
     "stage3": "Classification as stage 3 (from the same stage-2 weights): the method's levers; seg.miou and det.map "
               "are the earlier tasks kept. s3-*: from an earlier stage-2 model of seed 0; s0-*, s1-*: from the "
               "stage-2 weights of that seed published before grow_neck_head (method-default-before-grow in stage2-start; s1-method reproduces the published seed-1 stage 3 of "
