@@ -554,6 +554,28 @@ def test_frozen_old_channels_of_the_neck_alone(tiny_data):
     assert H.make_config("smoke", freeze_old_channels=["neck"]).freeze_old_channels == ("neck",)
 
 
+def test_cut_neck_head_undoes_grow_neck_head():
+    """Grow by 16, train the grown model's fresh channels a little (old channels untouched), cut back: every
+    weight and statistic is the one before growing, and so are the outputs; a cut to a width the model does not
+    have is refused."""
+    model = H.build_model(H.make_config("smoke"), backbone_weights="none").eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    image = torch.randn(2, 3, 96, 96)
+    expected = model(image)["raw"]
+    H.grow_neck_head(model, 16, seed=3)
+    with torch.no_grad():  # what a grown stage changes: the fresh channels (and the reads of them)
+        model.neck.fuse[0].weight[48:] += 1.0
+        model.head.layers[0][0].weight[:, 48:] += 1.0
+    assert model.width == 64
+    H.cut_neck_head(model, 48)
+    assert model.width == 48 and model.state_dict().keys() == before.keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    torch.testing.assert_close(model(image)["raw"], expected)
+    with pytest.raises(ValueError, match="keeps 1 to 48"):
+        H.cut_neck_head(model, 64)
+
+
 def test_grow_neck_head_refuses_groupnorm():
     model = H.build_model(H.make_config("smoke", norm="gn"), backbone_weights="none")
     with pytest.raises(ValueError, match="norm 'bn'"):
@@ -575,6 +597,51 @@ def test_a_sequence_that_grows_resumes_and_writes_a_loadable_final_model(tiny_da
     image = torch.randn(1, 3, 96, 96).contiguous(memory_format=torch.channels_last)
     assert payload["width"] == 64
     torch.testing.assert_close(loaded(image)["raw"], again["model"].eval()(image)["raw"])
+
+
+def test_held_stage_epochs_apply_to_the_methods_held_stage_only():
+    """held_stage_epochs: the method's held stage (grown, old channels held, backbone not learning) trains its own
+    number of epochs; a single-task baseline, the first stage, a naive stage and a stage whose backbone learns keep
+    cfg.epochs."""
+    cfg = H.make_config("smoke", epochs={"seg": 2, "det": 3, "cls": 4}, held_stage_epochs={"cls": 7},
+                        grow_neck_head={"det": 8, "cls": 8}, later_backbone_lr_scale={"cls": 0.0})
+    assert H.holds_earlier_tasks(cfg, "cls", ["seg", "det"], True)
+    assert H.stage_epochs(cfg, "cls", ["seg", "det"], True) == 7
+    assert H.stage_epochs(cfg, "cls") == 4  # alone: the single-task baseline
+    assert H.stage_epochs(cfg, "cls", ["seg", "det"], False) == 4  # naive fine-tuning
+    assert H.stage_epochs(cfg, "det", ["seg"], True) == 3  # detection's stage: its backbone learns
+    learning = dataclasses.replace(cfg, later_backbone_lr_scale={"seg": 1.0, "det": 1.0, "cls": 0.5})
+    assert H.stage_epochs(learning, "cls", ["seg", "det"], True) == 4
+    assert H.stage_epochs(dataclasses.replace(cfg, held_stage_epochs={"cls": 0}), "cls", ["seg", "det"], True) == 4
+
+
+def test_a_sequence_continues_from_its_last_finished_stage_without_the_earlier_weights(tiny_data, tmp_path):
+    """Re-running a sequence loads only the finished stage it continues from: with stage 1's weights gone (its
+    record kept), stage 3 trains from stage 2's weights, for held_stage_epochs, and as a held stage leaves
+    segmentation's and detection's figures exactly as stage 2 left them. A caller that wants only the figures
+    (load_last=False) reads every record and no weights; a stage to continue from with no weights trains again."""
+    cfg = H.make_config("smoke", out_dir=str(tmp_path), batch_size=4, epochs={"seg": 1, "det": 1, "cls": 1},
+                        probe_epochs={"det": 0, "cls": 0}, grow_neck_head={"det": 8, "cls": 8},
+                        held_stage_epochs={"cls": 2}, final_fp16=False)
+    two = H.run_sequence(cfg, tiny_data, upto=2)
+    (H.stage_dir(cfg, "full", 0) / "weights.pt").unlink()
+    whole = H.run_sequence(cfg, tiny_data)
+    assert not (H.stage_dir(cfg, "full", 0) / "weights.pt").exists()  # stage 1 was not trained again
+    assert whole["matrix"][:2] == two["matrix"]
+    for metric in ("seg.miou", "det.map", "det.map50"):
+        assert whole["matrix"][2][metric] == two["matrix"][1][metric]
+    stage3 = json.loads((H.stage_dir(cfg, "full", 2) / "done.json").read_text())
+    assert stage3["epochs"] == 2 and len(stage3["history"]) == 2
+    assert whole["model"].width == 48 + 8 + 8 and (tmp_path / "final.pt").is_file()
+    for k in (1, 2):
+        (H.stage_dir(cfg, "full", k) / "weights.pt").unlink()
+    figures = H.run_sequence(cfg, tiny_data, load_last=False)
+    assert figures["matrix"] == whole["matrix"]
+    assert not (H.stage_dir(cfg, "full", 2) / "weights.pt").exists()  # nothing trained again
+    with pytest.raises(FileNotFoundError, match="weights.pt"):  # a caller that needs the model: stage 2 has none
+        H.run_stage_cached(H.build_model(cfg, backbone_weights="none"), "seg", tiny_data,
+                           dataclasses.replace(cfg, flip_test=not cfg.flip_test), H.stage_dir(cfg, "full", 0),
+                           eval_tasks=["seg"], need_weights=False)
 
 
 def test_a_finished_stage_scored_with_other_settings_is_scored_again_from_its_weights(tiny_data, tmp_path, monkeypatch):

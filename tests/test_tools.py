@@ -215,3 +215,39 @@ def test_images_per_step_counts_replay_only_where_the_stage_replays():
     assert experiment.images_per_step(replays, "cls", ["seg", "det"], True) == 8 + 2 * 4
     assert experiment.images_per_step(replays, "cls", ["seg", "det"], False) == 8  # naive
     assert experiment.images_per_step(replays, "det", [], True) == 8  # alone
+
+
+def test_stage_weights_from_final_recover_the_weights_before_a_held_last_stage(tmp_path):
+    """A smoke sequence whose classification stage holds the earlier tasks (grown, old channels held, backbone not
+    learning): the tool cuts final.pt back to stage 2's weights, every tensor as stage 2 saved it (final.pt in
+    fp32 here), classification's own output rows put back to the run's initial draw (stage 1 decays them by
+    a factor that only the tool's --row-factor knows: compared at a tolerance that covers it)."""
+    import importlib.util
+    import torch
+    import helpers as H
+    spec = importlib.util.spec_from_file_location("stage_weights_from_final", ROOT / "tools" / "stage_weights_from_final.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    root = H.make_synthetic_dataset(tmp_path / "data", n_train=8, n_val=4)
+    cfg = H.make_config("smoke", out_dir=str(tmp_path / "run"), data_root=str(root), batch_size=4,
+                        epochs={"seg": 1, "det": 1, "cls": 1}, probe_epochs={"det": 0, "cls": 1},
+                        grow_neck_head={"det": 8, "cls": 8}, final_fp16=False)
+    data = H.load_all(root, verbose=False)
+    H.run_sequence(cfg, data)
+    tool.main([str(tmp_path / "run" / "final.pt"), str(tmp_path / "stage2.pt")])
+    got = H.read_checkpoint(tmp_path / "stage2.pt")
+    saved = H.read_checkpoint(H.stage_dir(cfg, "full", 1) / "weights.pt")
+    assert got["width"] == saved["width"] == 48 + 8
+    model = H.build_model(cfg, backbone_weights="none", width=56)
+    rows = H.own_output_rows(model, "cls")
+    last = f"head.layers.{len(model.head.layers) - 1}."
+    for key, value in saved["model"].items():
+        if not value.dtype.is_floating_point:
+            continue
+        if key.startswith(last):
+            torch.testing.assert_close(got["model"][key][~rows], value[~rows], rtol=0, atol=0)
+            torch.testing.assert_close(got["model"][key][rows], value[rows], rtol=1e-2, atol=1e-6)
+        else:
+            assert torch.equal(got["model"][key], value), key
+    trained = H.read_checkpoint(tmp_path / "run" / "final.pt")["model"][last + "weight"][rows][:, :56]
+    assert not torch.allclose(trained, saved["model"][last + "weight"][rows], rtol=1e-2, atol=1e-6)  # stage 3 moved them
