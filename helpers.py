@@ -379,7 +379,10 @@ PROFILES: dict[str, dict[str, Any]] = {
     # Time: the 384 px pipeline of seed 0 trained 108.2 min sharing the 2-core AMD EPYC with seed 1's (one thread
     # each); alone it was not timed (320 px alone: 45.7 min). With the held channels (2026-12-02, 2-core Intel Xeon
     # with AMX, alone): 89.6 min, of which the method 54.1 (detection's stage 33.7, classification's held one 1.9);
-    # seed 1 on a 2-core AMD EPYC with avx512_bf16, alone, without the naive ablation: 70.9 min, the method 53.2
+    # seed 1 on a 2-core AMD EPYC with avx512_bf16, alone, without the naive ablation: 70.9 min, the method 53.2.
+    # Classification's held stage at 30 epochs (held_stage_epochs; 2026-12-06, another 2-core AMD EPYC with
+    # avx512_bf16): 2.6 min. Seed 0's whole pipeline (that stage re-run there, the rest from the Intel Xeon) counts
+    # 90.2 min; seed 1's, trained again whole there without the naive ablation, 43.5 min (the method 34.0)
     "quick": dict(out_dir="runs/quick", backbone="efficientnet-lite0", image_size=384, cls_image_size=160,
                   cpu_bf16="auto", batch_size=8, epochs={"seg": 20, "det": 20, "cls": 12}, replay_per_task=4,
                   single_task_baselines=True, compare_naive=True, eval_every=2, num_workers=0, latency_runs=20),
@@ -3082,6 +3085,16 @@ def _drop(base: float | None, final: float) -> tuple[float | None, float | None]
     return (100 * (base - final) / base if base else None), 100 * (base - final)
 
 
+# Metrics arrive as float32 (top-1 52/60 is 0.8666666746...): a drop of exactly 5 points or 5 % computes as
+# 5.000001, so the rule's "<= 5" and the bonus's ">=" allow float32's rounding, and nothing more.
+METRIC_ROUNDING = 1e-5
+
+
+def _within_rule(drop: float | None, limit: float = 5.0) -> bool | None:
+    """Does a drop (in % or points) stay within the rule's limit, up to the metrics' float32 rounding?"""
+    return None if drop is None else drop <= limit + METRIC_ROUNDING
+
+
 def forgetting_summary(results: dict, cfg: Config) -> list[dict]:
     """Per strategy and task, the assignment's rule read both ways. Against the single-task baseline (the
     assignment's baseline): relative drop in % ((base - final) / base, our default reading) and absolute drop
@@ -3097,9 +3110,8 @@ def forgetting_summary(results: dict, cfg: Config) -> list[dict]:
             end_rel, end_pts = _drop(stage_end, final)
             rows.append({"strategy": strategy, "task": task, "metric": key, "single_task_baseline": single,
                          "stage_end": stage_end, "final": final, "drop_rel_pct": rel, "drop_abs_points": pts,
-                         "pass_rel": None if rel is None else rel <= 5.0,
-                         "pass_abs": None if pts is None else pts <= 5.0,
-                         "bonus": None if single is None else final >= single,
+                         "pass_rel": _within_rule(rel), "pass_abs": _within_rule(pts),
+                         "bonus": None if single is None else _within_rule(pts, 0.0),
                          "stage_end_drop_rel_pct": end_rel, "stage_end_drop_abs_points": end_pts})
     return rows
 
@@ -3992,17 +4004,24 @@ def seed_table(run_dirs: Sequence[str | Path]) -> tuple[list[dict], dict]:
     return rows, stats
 
 
+def trained_on(resources: dict) -> str:
+    """Every device a run's training records name (resources.json's train_devices, all groups), or the device that
+    wrote its artifacts for a run from before the field: a run resumed on another machine names both."""
+    found = sorted({d for group in (resources.get("train_devices") or {}).values() for d in group})
+    return "; ".join(found) if found else resources["device"]
+
+
 def update_readme_results(readme: str | Path, run_dirs: Sequence[str | Path]) -> None:
     """Replace the README's results block with a table generated from published runs' artifacts."""
     readme = Path(readme)
-    lines = ["| run | device | profile | date | seed | mAP@[.5:.95] | mAP@0.5 | mIoU | Top-1 | largest drop vs single-task "
+    lines = ["| run | trained on | profile | date | seed | mAP@[.5:.95] | mAP@0.5 | mIoU | Top-1 | largest drop vs single-task "
              "| every task within 5 % | bonus |",
              "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for run_dir in run_dirs:
         run_dir = Path(run_dir)
         cfg, results, final, res = read_run(run_dir)
         meta, (within, bonus) = results["meta"], rule_outcome(results, cfg)
-        lines.append(f"| [{run_dir.name}]({os.path.relpath(run_dir, readme.parent)}) | {res['device']} | {meta['profile']} | "
+        lines.append(f"| [{run_dir.name}]({os.path.relpath(run_dir, readme.parent)}) | {trained_on(res)} | {meta['profile']} | "
                      f"{meta['date']} | {meta['seed']} | {_fmt(final['det.map'])} | {_fmt(final['det.map50'])} | "
                      f"{_fmt(final['seg.miou'])} | {_fmt(final['cls.top1'])} | {_fmt(_worst_drop(results, cfg), 1)} % | "
                      f"{_verdict(within).lower()} | {'n/a' if bonus is None else ('yes' if bonus else 'no')} |")
