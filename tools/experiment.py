@@ -235,7 +235,13 @@ SECTIONS = {  # subfolder of results/experiments -> what its experiments compare
               "seg.miou is the earlier task kept. s2-noprobe-seed1 (2026-12-02, 384 px, the recipe of that day): "
               "from the stage-1 weights of runs/quick-seed1 without the 3-epoch probe of detection's own outputs: "
               "mAP / mAP@0.5 / mIoU 0.0159 / 0.055 / 0.492 against 0.0296 / 0.079 / 0.496 for the same seed's "
-              "stage 2 with the probe (results/quick-seed1): the probe stays.",
+              "stage 2 with the probe (results/quick-seed1): the probe stays. s2-default-seed1, s2-ep30-seed1 "
+              "(2026-12-06, another AMD EPYC, 06421e3): from the stage-1 weights of seed 1's pipeline trained again "
+              "that day (mIoU 0.4777), the recipe as it is and detection's stage at 30 epochs instead of 20: mAP / "
+              "mAP@0.5 / mIoU 0.0217 / 0.070 / 0.495 and 0.0235 / 0.078 / 0.507; that pipeline's own stage 2 (same "
+              "weights and recipe, another random state) scored 0.0260 / 0.078 / 0.492, and detection alone "
+              "0.0466 / 0.138. Both stages stop rising at mAP@0.5 0.07-0.08 from about epoch 8-16 while detection "
+              "alone climbs to its last epoch: a longer schedule is not what detection's stage lacks; not adopted.",
     "stage3": "Classification as stage 3 (from the same stage-2 weights): the method's levers; seg.miou and det.map "
               "are the earlier tasks kept. s3-*: from an earlier stage-2 model of seed 0; s0-*, s1-*: from the "
               "stage-2 weights of that seed published before grow_neck_head (method-default-before-grow in stage2-start; s1-method reproduces the published seed-1 stage 3 of "
