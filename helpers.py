@@ -3090,8 +3090,9 @@ def _drop(base: float | None, final: float) -> tuple[float | None, float | None]
 METRIC_ROUNDING = 1e-5
 
 
-def _within_rule(drop: float | None, limit: float = 5.0) -> bool | None:
-    """Does a drop (in % or points) stay within the rule's limit, up to the metrics' float32 rounding?"""
+def within_rule(drop, limit: float = 5.0):
+    """Does a drop (in % or points; a number, None without a baseline, or an array of them elementwise) stay
+    within the rule's limit, up to the metrics' float32 rounding?"""
     return None if drop is None else drop <= limit + METRIC_ROUNDING
 
 
@@ -3110,8 +3111,7 @@ def forgetting_summary(results: dict, cfg: Config) -> list[dict]:
             end_rel, end_pts = _drop(stage_end, final)
             rows.append({"strategy": strategy, "task": task, "metric": key, "single_task_baseline": single,
                          "stage_end": stage_end, "final": final, "drop_rel_pct": rel, "drop_abs_points": pts,
-                         "pass_rel": _within_rule(rel), "pass_abs": _within_rule(pts),
-                         "bonus": None if single is None else _within_rule(pts, 0.0),
+                         "pass_rel": within_rule(rel), "pass_abs": within_rule(pts), "bonus": within_rule(pts, 0.0),
                          "stage_end_drop_rel_pct": end_rel, "stage_end_drop_abs_points": end_pts})
     return rows
 

@@ -99,7 +99,7 @@ def bootstrap_rule(run: Path, data_root: str, resamples: int = 500, seed: int = 
                               "final": final_value, "drop_rel_pct": 100 * (base_value - final_value) / base_value,
                               "drop_rel_pct_p05": float(np.percentile(drops, 5)),
                               "drop_rel_pct_p95": float(np.percentile(drops, 95)),
-                              "share_within_5pct": float(np.mean(drops <= 5 + H.METRIC_ROUNDING)), "valid_resamples": int(drops.size)}
+                              "share_within_5pct": float(np.mean(H.within_rule(drops))), "valid_resamples": int(drops.size)}
     H.write_json(out, run / "rule_bootstrap.json")
     return out
 
