@@ -3,6 +3,7 @@ mAP, dense targets with a sigma floor, the weight EMA, the probe that leaves eve
 exactly as they were, the ImageNet-classifier teacher, WiSE-FT mixing, fp16 rounding, progress lines."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -182,14 +183,35 @@ def test_wise_mix_known_answer():
     assert (last.weight[~rows] == 0.25).all() and (model.neck.fuse[0].weight == 0.25).all()
 
 
-def test_round_to_fp16_matches_a_fp16_checkpoint(tmp_path, tiny_data):
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_round_to_storage_matches_the_stored_checkpoint(tmp_path, tiny_data, precision):
+    """What is scored is what is shipped: a model rounded to `precision` equals, bit for bit, the one loaded from a
+    checkpoint saved at it; int8 stores every conv weight as int8 (one scale per output channel, each channel's
+    largest weight at +-127, every weight within half a step) and the rest in fp16, and storing the rounded model
+    again gives the same integers and scales."""
     cfg = H.make_config("smoke")
     model = H.build_model(cfg, backbone_weights="none")
-    path = H.save_checkpoint(tmp_path / "m.pt", model, cfg, H.data_classes(tiny_data), fp16=True)
-    H.round_to_fp16(model)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    path = H.save_checkpoint(tmp_path / "m.pt", model, cfg, H.data_classes(tiny_data), precision=precision)
+    H.round_to_storage(model, precision)
     loaded, _, payload = H.load_checkpoint(path)
-    assert all(v.dtype in (torch.float16, torch.int64) for v in payload["model"].values())
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    raw = torch.load(path, weights_only=False)["model"]
+    key = "head.layers.0.0.weight"
+    if precision == "fp16":
+        assert all(v.dtype in (torch.float16, torch.int64) for v in raw.values())
+        return
+    q, scale = raw[key]["int8"], raw[key]["scale"]
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (q.shape[0],)
+    assert torch.equal(q.flatten(1).abs().amax(dim=1), torch.full((q.shape[0],), 127, dtype=torch.int8))
+    step = scale.view(-1, 1, 1, 1)
+    assert (model.state_dict()[key] - original[key]).abs().le(step / 2 * 1.0001).all()
+    assert raw["head.layers.0.1.running_var"].dtype == torch.float16 and raw["head.layers.0.1.num_batches_tracked"].dtype == torch.int64
+    again = H.pack_weights(H.state_on_cpu(model), "int8")
+    assert torch.equal(again[key]["int8"], q) and torch.equal(again[key]["scale"], scale)
+    assert payload["model"][key].dtype == torch.float32  # read_checkpoint gives int8 weights back as float32
+    with pytest.raises(ValueError, match="final_precision must be one of"):
+        H.make_config("smoke", final_precision="int4")
 
 
 def test_a_checkpoint_from_before_the_flip_test_is_scored_without_it(tmp_path, tiny_data):
@@ -350,7 +372,7 @@ def test_a_redrawn_stage_can_also_grow(tiny_data, tmp_path):
     """redraw_neck_head and grow_neck_head together: the stage starts from the initial neck and head (starting
     width, even from a model grown before) widened by the stage's channels, and trains from there."""
     cfg = H.make_config("smoke", batch_size=4, epochs={"seg": 1, "det": 1, "cls": 1}, probe_epochs={"det": 0},
-                        redraw_neck_head=("det",), grow_neck_head={"det": 16})
+                        redraw_neck_head=("det",), grow_neck_head={"det": 16}, reads_old_channels={"det": True})
     initial = H.initial_model(cfg).state_dict()
     model = H.initial_model(cfg)
     H.grow_neck_head(model, 8)  # any width before: the redraw goes back to the initial one
@@ -469,6 +491,7 @@ def test_a_stage_that_holds_the_earlier_tasks_trains_the_new_one_alone(tiny_data
     what it was, while detection learned. Any one of the three conditions missing: replay and distillation as
     before."""
     cfg = H.make_config("smoke", batch_size=4, grow_neck_head={"det": 16}, freeze_old_channels=("neck", "head"),
+                        reads_old_channels={"det": True},
                         later_backbone_lr_scale={"det": 0.0, "cls": 1.0}, epochs={"det": 2}, probe_epochs={"det": 1})
     model = H.initial_model(cfg)
     teacher = H.freeze_teacher(model)
@@ -527,6 +550,7 @@ def test_frozen_old_channels_of_the_neck_alone(tiny_data):
     """freeze_old_channels ("neck",): the neck's old channels stay bit for bit while the head's old channels and
     segmentation's output rows train with the new task; only the neck's BatchNorm is hooked. Unknown parts are refused."""
     cfg = H.make_config("smoke", batch_size=4, grow_neck_head={"det": 16}, freeze_old_channels=("neck",),
+                        reads_old_channels={"det": True},
                         backbone_lr=0.0, ema_decay=0.0)
     model = H.initial_model(cfg)
     teacher = H.freeze_teacher(model)
@@ -551,7 +575,8 @@ def test_frozen_old_channels_of_the_neck_alone(tiny_data):
     for bad in (True, ["backbone"]):  # a bool (the option's first form) or an unknown part: refused by the config
         with pytest.raises(ValueError, match="freeze_old_channels names parts to hold"):
             H.make_config("smoke", freeze_old_channels=bad)
-    assert H.make_config("smoke", freeze_old_channels=["neck"]).freeze_old_channels == ("neck",)
+    assert H.make_config("smoke", freeze_old_channels=["neck"],
+                         reads_old_channels={"det": True}).freeze_old_channels == ("neck",)
 
 
 def test_cut_neck_head_undoes_grow_neck_head():
@@ -587,7 +612,7 @@ def test_a_sequence_that_grows_resumes_and_writes_a_loadable_final_model(tiny_da
     second call loads every finished stage (the grown stage's weights into a grown model) and gives the same
     final row; final.pt rebuilds at the grown width with the same outputs."""
     cfg = H.make_config("smoke", out_dir=str(tmp_path), batch_size=4, epochs={"seg": 1, "det": 1, "cls": 1},
-                        probe_epochs={"det": 1, "cls": 0}, grow_neck_head={"det": 16, "cls": 0}, final_fp16=False)
+                        probe_epochs={"det": 1, "cls": 0}, grow_neck_head={"det": 16, "cls": 0}, final_precision="fp32")
     first = H.run_sequence(cfg, tiny_data)
     assert first["model"].width == 64
     assert H.run_sequence(cfg, tiny_data, "naive")["model"].width == 48
@@ -622,7 +647,7 @@ def test_a_sequence_continues_from_its_last_finished_stage_without_the_earlier_w
     (load_last=False) reads every record and no weights; a stage to continue from with no weights trains again."""
     cfg = H.make_config("smoke", out_dir=str(tmp_path), batch_size=4, epochs={"seg": 1, "det": 1, "cls": 1},
                         probe_epochs={"det": 0, "cls": 0}, grow_neck_head={"det": 8, "cls": 8},
-                        held_stage_epochs={"cls": 2}, final_fp16=False)
+                        held_stage_epochs={"cls": 2}, final_precision="fp32")
     two = H.run_sequence(cfg, tiny_data, upto=2)
     (H.stage_dir(cfg, "full", 0) / "weights.pt").unlink()
     whole = H.run_sequence(cfg, tiny_data)
@@ -703,3 +728,105 @@ def test_single_task_teacher_term_is_the_tasks_distillation_from_its_expert(tiny
                         expert=expert).expert is expert
     assert H.make_stage(model, "det", tiny_data, off, earlier=["seg"], teacher=teacher, replay=True,
                         expert=expert).expert is None
+
+
+def test_an_isolated_path_keeps_the_new_task_off_the_old_channels(tiny_data):
+    """reads_old_channels {"det": False}: the weights by which the old channels (the first 48) reach the new ones or
+    detection's outputs start at 0 and stay 0 through training steps (gradients and weight decay notwithstanding), so
+    detection's outputs do not change when every old neck and head weight is scrambled, while segmentation's do;
+    detection's output rows start drawn afresh on the new channels (segmentation's outputs unchanged by growing) and
+    learn. It needs both parts held."""
+    cfg = H.make_config("smoke", batch_size=4, grow_neck_head={"det": 16, "cls": 0}, reads_old_channels={"det": False},
+                        ema_decay=0.0, epochs={"det": 1})
+    model = H.initial_model(cfg)
+    teacher = H.freeze_teacher(model)
+    image = torch.randn(2, 3, 96, 96).contiguous(memory_format=torch.channels_last)
+    seg_before = model.eval()(image)["seg"]
+    H.start_stage(model, "det", cfg, earlier=["seg"], replay=True)
+    torch.testing.assert_close(model.eval()(image)["seg"], seg_before, rtol=0, atol=0)  # growing changed no other output
+    det_rows = H.own_output_rows(model, "det")
+    start = model.head.layers[2].weight.detach()
+    assert start[det_rows, 48:].abs().amin(dim=1).gt(0).all() and not start[det_rows, :48].any()  # drawn afresh
+    masks = {part: H.isolated_path_masks(getattr(model, part), 48, "det") for part in ("neck", "head")}
+    assert set(masks["neck"]) == {"fuse.0.weight"} and set(masks["head"]) == {"layers.0.0.weight", "layers.1.0.weight",
+                                                                            "layers.2.weight"}
+    assert int(masks["head"]["layers.2.weight"][:, :48].any(dim=(1, 2, 3)).sum()) == 14  # 10 heatmaps, 4 distances
+    stage = H.make_stage(model, "det", tiny_data, cfg, earlier=["seg"], teacher=teacher, replay=True)
+    det_rows_before = model.head.layers[2].weight[H.own_output_rows(model, "det"), 48:].clone()
+    for _ in range(3):
+        H.train_step(stage, H.batch_to_device(next(iter(stage.loader)), torch.device("cpu"), cfg.channels_last),
+                     H.next_replay(stage))
+    stage.frozen.remove()
+    for part, part_masks in masks.items():
+        for name, mask in part_masks.items():
+            assert not getattr(model, part).get_parameter(name)[mask].any(), (part, name)
+    assert not torch.equal(model.head.layers[2].weight[H.own_output_rows(model, "det"), 48:], det_rows_before)
+    before = model.eval()(image)
+    with torch.no_grad():
+        for layer in (model.neck.fuse[0], model.head.layers[0][0], model.head.layers[1][0]):
+            layer.weight[:48, :48] = torch.randn_like(layer.weight[:48, :48])
+    after = model(image)
+    torch.testing.assert_close(after["det_heatmap"], before["det_heatmap"])
+    assert not torch.allclose(after["seg"], before["seg"])
+    with pytest.raises(ValueError, match="needs freeze_old_channels"):
+        H.make_config("smoke", reads_old_channels={"det": False}, freeze_old_channels=("neck",))
+
+
+def test_replay_can_leave_the_running_statistics_to_the_new_tasks_images(tiny_data):
+    """replay_moves_norm_statistics False: a step's replay images are normalised with their own batch's statistics
+    but move no BatchNorm running statistic, so after one loss computation with replay every running statistic is
+    exactly what the same computation without replay leaves; True (before): the replay images move them too. The
+    momenta are put back afterwards."""
+    cfg = H.make_config("smoke", batch_size=4, replay_per_task=2, grow_neck_head={"det": 0, "cls": 0},
+                        freeze_head_bn_after_first=False, replay_moves_norm_statistics=False)
+    model = H.initial_model(cfg).train()
+    stage = H.make_stage(model, "det", tiny_data, cfg, earlier=["seg"], teacher=H.freeze_teacher(model), replay=True)
+    batch = H.batch_to_device(next(iter(stage.loader)), torch.device("cpu"), cfg.channels_last)
+    replay = H.next_replay(stage)
+
+    def statistics_after(cfg, replay):
+        trained = copy.deepcopy(model)
+        torch.manual_seed(0)  # the backbone's stochastic depth draws the same for the detection batch
+        momenta = [m.momentum for m in trained.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        H.training_step_loss(trained, "det", batch, cfg, replay=replay, earlier=["seg"], teacher=stage.teacher)
+        assert momenta == [m.momentum for m in trained.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        return {k: v.clone() for k, v in trained.state_dict().items() if "running_" in k}
+
+    held, alone = statistics_after(cfg, replay), statistics_after(cfg, {})
+    start = {k: v for k, v in model.state_dict().items() if "running_" in k}
+    assert not torch.equal(alone["neck.fuse.1.running_mean"], start["neck.fuse.1.running_mean"])  # the det batch moved it
+    for key in alone:
+        torch.testing.assert_close(held[key], alone[key], rtol=0, atol=0, msg=key)
+    moved = statistics_after(dataclasses.replace(cfg, replay_moves_norm_statistics=True), replay)
+    assert not torch.equal(moved["neck.fuse.1.running_mean"], alone["neck.fuse.1.running_mean"])
+
+
+def test_precise_norm_statistics_are_the_mean_of_the_batches_statistics(tiny_data):
+    """recompute_norm_statistics from channel 40 on: the neck's BatchNorm running mean of those channels becomes the
+    mean over the train images' evaluation batches of each batch's mean of its input (computed here on the side with
+    a hook), the channels before 40 and every backbone statistic stay bit for bit, the counter and momentum too,
+    and the model is left in evaluation mode."""
+    cfg = H.make_config("smoke", batch_size=4)
+    model = H.initial_model(cfg).eval()
+    norm = model.neck.fuse[1]
+    with torch.no_grad():
+        norm.running_mean.fill_(0.5)
+        norm.running_var.fill_(2.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    inputs = []
+    hook = norm.register_forward_hook(lambda m, i, o: inputs.append(i[0].mean(dim=(0, 2, 3))))
+    with torch.no_grad():
+        for batch in H.make_loader(tiny_data["det"]["train"], cfg, train=False, drop_last=False):
+            model(batch["image"].contiguous(memory_format=torch.channels_last))
+    hook.remove()
+    expected = torch.stack(inputs).mean(dim=0)
+    model.train()
+    seen = H.recompute_norm_statistics(model, tiny_data["det"]["train"], cfg, first_channel=40)
+    assert seen == len(tiny_data["det"]["train"]) and not model.training
+    torch.testing.assert_close(norm.running_mean[40:], expected[40:], rtol=1e-4, atol=1e-5)
+    assert torch.equal(norm.running_mean[:40], before["neck.fuse.1.running_mean"][:40])
+    assert not torch.equal(norm.running_var[40:], before["neck.fuse.1.running_var"][40:])
+    for key, value in model.state_dict().items():
+        if key.startswith("backbone.") or key.endswith("num_batches_tracked"):
+            assert torch.equal(value, before[key]), key
+    assert norm.momentum == 0.1

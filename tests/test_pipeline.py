@@ -263,12 +263,12 @@ def test_teacher_never_changes_and_frozen_bn_statistics_do_not_move(smoke_run, t
     moved = [k for k, v in model.backbone.state_dict().items() if "running" in k and not torch.equal(bn_before[k], v)]
     assert bn_before and not moved
     # and across the real pipeline: the backbone's BatchNorm buffers are identical after every stage (the last
-    # stage's weights as the fp16 final model stores them), and those of the neck's and head's channels after every
+    # stage's weights as the final model stores them: statistics in fp16), and those of the neck's and head's channels after every
     # stage but the first, which trained them (a stage that adds channels gives only its fresh ones live statistics:
     # freeze_old_channels holds the old ones)
     stages = [torch.load(H.stage_dir(cfg, "full", k) / "weights.pt", weights_only=False)["model"] for k in range(3)]
     init = H.initial_model(cfg).state_dict()
-    as_stored = lambda k, v: v.half().float() if k == 2 and cfg.final_fp16 else v  # noqa: E731
+    as_stored = lambda k, v: v.half().float() if k == 2 and cfg.final_precision != "fp32" else v  # noqa: E731
     for key in (k for k in init if k.startswith("backbone.") and "running" in k):
         assert all(torch.equal(as_stored(k, init[key]), s[key]) for k, s in enumerate(stages)), key
     head_stats = [k for k in init if k.startswith(("neck.", "head.")) and "running" in k]

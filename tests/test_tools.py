@@ -231,7 +231,7 @@ def test_stage_weights_from_final_recover_the_weights_before_a_held_last_stage(t
     root = H.make_synthetic_dataset(tmp_path / "data", n_train=8, n_val=4)
     cfg = H.make_config("smoke", out_dir=str(tmp_path / "run"), data_root=str(root), batch_size=4,
                         epochs={"seg": 1, "det": 1, "cls": 1}, probe_epochs={"det": 0, "cls": 1},
-                        grow_neck_head={"det": 8, "cls": 8}, final_fp16=False)
+                        grow_neck_head={"det": 8, "cls": 8}, final_precision="fp32")
     data = H.load_all(root, verbose=False)
     H.run_sequence(cfg, data)
     tool.main([str(tmp_path / "run" / "final.pt"), str(tmp_path / "stage2.pt")])

@@ -205,7 +205,7 @@ seconds = resources["train_seconds"]
 print(f"training time: method {seconds['method'] / 60:.1f} min, single-task baselines {seconds['single_task_baselines'] / 60:.1f} min, "
       f"naive ablation {seconds['naive_ablation'] / 60:.1f} min; all {seconds['all'] / 60:.1f} min (budget: 120 min for the method)")
 print("weights:", Path(cfg.out_dir) / "final.pt", "| report:", Path(cfg.out_dir) / "report.md")
-if PUBLISH:  # artifacts and the fp16 final.pt (never stage checkpoints or data) into results/, the top-level report.md and README table
+if PUBLISH:  # artifacts and final.pt (never stage checkpoints or data) into results/, the top-level report.md and README table
     print("published:", H.publish_run(cfg.out_dir, Path("results") / Path(cfg.out_dir).name, "report.md",
                                       readme="README.md", with_weights=True))
 """)

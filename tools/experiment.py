@@ -229,7 +229,12 @@ SECTIONS = {  # subfolder of results/experiments -> what its experiments compare
                "s3-iso64-*: classification on 64 fresh channels and a held backbone from "
                "s2-iso128-evalbb's weights: segmentation and detection bit for bit as before it (the same figures); "
                "top-1 0.883 at the profile's 12 epochs, 0.850 at 30 epochs (e30) and at 3x the learning rate (lr3), "
-               "against 0.917 for classification alone (results/quick-seed0 single_task).",
+               "against 0.917 for classification alone (results/quick-seed0 single_task). s2-free128-seed1, "
+               "s2-free128-imagenetbb-seed1 (2026-12-06, AMD EPYC): the same free stage from seed 1's stage-1 weights "
+               "of that day (mIoU 0.4777), and with the ImageNet backbone put back (--reset backbone): mAP / mAP@0.5 "
+               "0.0208 / 0.064 and 0.0267 / 0.070 against 0.0466 / 0.138 for detection alone, at the same train loss: "
+               "the segmentation-trained backbone costs some of detection, the grown neck and head with the held "
+               "segmentation channels most of it (see stage2 s2-isolated-*).",
     "seg": "Single-task segmentation (stage 1), quick profile at 256 px, 20 epochs: augmentation.",
     "stage2": "Detection as stage 2 after segmentation (from the same stage-1 weights, 256 px): the method's levers; "
               "seg.miou is the earlier task kept. s2-noprobe-seed1 (2026-12-02, 384 px, the recipe of that day): "
@@ -241,7 +246,12 @@ SECTIONS = {  # subfolder of results/experiments -> what its experiments compare
               "mAP@0.5 / mIoU 0.0217 / 0.070 / 0.495 and 0.0235 / 0.078 / 0.507; that pipeline's own stage 2 (same "
               "weights and recipe, another random state) scored 0.0260 / 0.078 / 0.492, and detection alone "
               "0.0466 / 0.138. Both stages stop rising at mAP@0.5 0.07-0.08 from about epoch 8-16 while detection "
-              "alone climbs to its last epoch: a longer schedule is not what detection's stage lacks; not adopted.",
+              "alone climbs to its last epoch: a longer schedule is not what detection's stage lacks; not adopted. "
+              "s2-isolated-seed1, s2-isolated-fresh-noprobe-seed1 (2026-12-06, the same weights): detection's fresh "
+              "channels and output rows no longer read the held segmentation channels (reads_old_channels det false); "
+              "its output rows zero-started and probed 3 epochs first (the code of that hour), or drawn afresh "
+              "without a probe (adopted): mAP / mAP@0.5 / mIoU 0.0360 / 0.125 / 0.483 and 0.0339 / 0.103 / 0.507 "
+              "against 0.0217 / 0.070 / 0.495, both still rising in their last epochs like detection alone.",
     "stage3": "Classification as stage 3 (from the same stage-2 weights): the method's levers; seg.miou and det.map "
               "are the earlier tasks kept. s3-*: from an earlier stage-2 model of seed 0; s0-*, s1-*: from the "
               "stage-2 weights of that seed published before grow_neck_head (method-default-before-grow in stage2-start; s1-method reproduces the published seed-1 stage 3 of "

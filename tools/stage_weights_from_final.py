@@ -9,7 +9,8 @@ rows, and its backbone did not learn. So the weights before it are final.pt's wi
 (helpers.cut_neck_head), except the last task's own output rows, which it trained: those are put back to where the
 run drew them (the run's initial head, seeded), times --row-factor for the weight decay the first stage applied to
 them (the decay of the runs of 2026-12-02: 0.99969709, measured on seed 1, whose stage-2 weights exist), and 0 over
-the channels grown by the stages between. final.pt is stored in fp16: the recovered weights carry its rounding.
+the channels grown by the stages between. final.pt is stored in fp16 or int8 (final_precision): the recovered
+weights carry its rounding.
 """
 from __future__ import annotations
 
