@@ -2239,7 +2239,7 @@ def read_checkpoint(path: str | Path) -> dict:
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a UniHead checkpoint (no format {CHECKPOINT_FORMAT!r}; use the final.pt a run writes)")
-    payload["model"] = {k: unpack_weights({k: v})[k] if isinstance(v, dict) else v for k, v in payload["model"].items()}
+    payload["model"] = {k: _from_int8(v) if isinstance(v, dict) else v for k, v in payload["model"].items()}
     return payload
 
 
@@ -2669,6 +2669,7 @@ class FrozenOldChannels:
             raise ValueError(f"old_width must be within the model's {model.width} channels, not {old_width}")
         if not parts or set(parts) - set(HOLDABLE_PARTS):
             raise ValueError(f"parts to hold must be 'neck' and/or 'head', not {tuple(parts)}")
+        self.old_width = old_width
         other_rows = ~own_output_rows(model, task)
         last = f"head.layers.{len(model.head.layers) - 1}."
         self.kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (tensor, mask over dim 0, values)
@@ -2931,25 +2932,24 @@ def pack_weights(state: dict[str, torch.Tensor], precision: str) -> dict[str, An
     return packed
 
 
+def _from_int8(entry: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One int8-stored weight (`pack_weights`) back in float32."""
+    return entry["int8"].float() * entry["scale"].view((-1,) + (1,) * (entry["int8"].ndim - 1))
+
+
 def unpack_weights(packed: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The float32 state dict of `pack_weights`' output (integer buffers as stored)."""
-    state = {}
-    for key, value in packed.items():
-        if isinstance(value, dict):
-            shape = (-1,) + (1,) * (value["int8"].ndim - 1)
-            state[key] = value["int8"].float() * value["scale"].view(shape)
-        else:
-            state[key] = value.float() if value.dtype.is_floating_point else value
-    return state
+    return {key: _from_int8(value) if isinstance(value, dict) else
+            value.float() if value.dtype.is_floating_point else value for key, value in packed.items()}
 
 
 @torch.no_grad()
 def round_to_storage(model: nn.Module, precision: str) -> None:
     """Every weight and statistic rounded in place to what a checkpoint stores at `precision` (`pack_weights`), so
     that what is scored is what is shipped."""
+    state = model.state_dict()
     for key, value in unpack_weights(pack_weights(state_on_cpu(model), precision)).items():
-        target = model.state_dict()[key]
-        target.copy_(value.to(target.dtype))
+        state[key].copy_(value.to(state[key].dtype))
 
 
 def _in_notebook() -> bool:
@@ -3065,7 +3065,7 @@ def train_stage(model: UniHeadNet, task: str, data: dict, cfg: Config, stage_dir
         wise_mix(model, stage.start, cfg.wise_alpha[task], task)
     if cfg.precise_norm_statistics and not model.freeze_neck_head_bn:  # only the channels whose statistics trained
         recompute_norm_statistics(model, data[task]["train"], cfg, device=stage.device,
-                                  first_channel=model.width - cfg.grow_neck_head[task] if stage.frozen else 0)
+                                  first_channel=stage.frozen.old_width if stage.frozen else 0)
     # where the training ran (on a CPU with the threads used: a time shared with another run is not a run's alone)
     return {"task": task, "epochs": stage.epochs, "seconds": seconds, "history": history, "probe": probe,
             "trained_on": describe_device(stage.device), "precision": training_precision(stage.device, cfg)}
