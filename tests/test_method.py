@@ -183,12 +183,12 @@ def test_wise_mix_known_answer():
     assert (last.weight[~rows] == 0.25).all() and (model.neck.fuse[0].weight == 0.25).all()
 
 
-@pytest.mark.parametrize("precision", ["fp16", "int8"])
+@pytest.mark.parametrize("precision", ["fp16", "int8-neck-head", "int8"])
 def test_round_to_storage_matches_the_stored_checkpoint(tmp_path, tiny_data, precision):
     """What is scored is what is shipped: a model rounded to `precision` equals, bit for bit, the one loaded from a
     checkpoint saved at it; int8 stores every conv weight as int8 (one scale per output channel, each channel's
-    largest weight at +-127, every weight within half a step) and the rest in fp16, and storing the rounded model
-    again gives the same integers and scales."""
+    largest weight at +-127, every weight within half a step) and the rest in fp16, int8-neck-head only the neck's and
+    head's, and storing the rounded model again gives the same integers and scales."""
     cfg = H.make_config("smoke")
     model = H.build_model(cfg, backbone_weights="none")
     original = {k: v.clone() for k, v in model.state_dict().items()}
@@ -199,19 +199,59 @@ def test_round_to_storage_matches_the_stored_checkpoint(tmp_path, tiny_data, pre
     raw = torch.load(path, weights_only=False)["model"]
     key = "head.layers.0.0.weight"
     if precision == "fp16":
-        assert all(v.dtype in (torch.float16, torch.int64) for v in raw.values())
+        assert all(H.stored_tensor(v).dtype in (torch.float16, torch.int64) for v in raw.values())
         return
-    q, scale = raw[key]["int8"], raw[key]["scale"]
+    q, scale = H.restore_zeros(raw[key]["int8"]), raw[key]["scale"]
     assert q.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (q.shape[0],)
     assert torch.equal(q.flatten(1).abs().amax(dim=1), torch.full((q.shape[0],), 127, dtype=torch.int8))
     step = scale.view(-1, 1, 1, 1)
     assert (model.state_dict()[key] - original[key]).abs().le(step / 2 * 1.0001).all()
     assert raw["head.layers.0.1.running_var"].dtype == torch.float16 and raw["head.layers.0.1.num_batches_tracked"].dtype == torch.int64
     again = H.pack_weights(H.state_on_cpu(model), "int8")
-    assert torch.equal(again[key]["int8"], q) and torch.equal(again[key]["scale"], scale)
+    assert torch.equal(H.restore_zeros(again[key]["int8"]), q) and torch.equal(again[key]["scale"], scale)
     assert payload["model"][key].dtype == torch.float32  # read_checkpoint gives int8 weights back as float32
+    backbone_conv = next(k for k, v in original.items() if k.startswith("backbone.") and v.ndim == 4)
+    stored_backbone = raw[backbone_conv]
+    if precision == "int8-neck-head":  # the backbone's weights in fp16, only the neck's and head's in int8
+        assert not (isinstance(stored_backbone, dict) and "int8" in stored_backbone)
+        assert H.stored_tensor(stored_backbone).dtype == torch.float16
+    else:
+        assert H.restore_zeros(stored_backbone["int8"]).dtype == torch.int8
     with pytest.raises(ValueError, match="final_precision must be one of"):
         H.make_config("smoke", final_precision="int4")
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_stored_weights_keep_only_the_nonzero_values_of_a_mostly_zero_tensor(tmp_path, tiny_data, precision):
+    """The held zero blocks of a grown neck and head are not written out: the 3x3 convs of a model grown on a path of its
+    own store their nonzero values and a bitmask, the file shrinks, and what is read back is what was stored, bit
+    for bit (zeros where they were, every other value as `round_to_storage` gives it)."""
+    cfg = H.make_config("smoke")
+    model = H.build_model(cfg, backbone_weights="none")
+    H.grow_neck_head(model, model.width, isolate_task="det")  # a fresh path as wide as the old one: half zeros
+    key = "head.layers.0.0.weight"
+    zeros = model.state_dict()[key] == 0
+    assert 0.4 < zeros.float().mean() < 0.6
+    path = H.save_checkpoint(tmp_path / "m.pt", model, cfg, H.data_classes(tiny_data), precision=precision)
+    raw = torch.load(path, weights_only=False)["model"][key]
+    entry = raw["int8"] if precision == "int8" else raw
+    dense = H.pack_weights(H.state_on_cpu(model), precision)[key]
+    assert torch.equal(H.stored_tensor(dense), H.stored_tensor(raw))
+    nonzero = int((H.stored_tensor(raw) != 0).sum())  # int8 also rounds the smallest weights to 0
+    assert isinstance(entry, dict) and entry["values"].numel() == nonzero <= int((~zeros).sum())
+    H.round_to_storage(model, precision)
+    assert torch.equal(H.load_checkpoint(path)[0].state_dict()[key], model.state_dict()[key])
+    assert (model.state_dict()[key][zeros] == 0).all()
+    plain = {k: H.stored_tensor(v) for k, v in torch.load(path, weights_only=False)["model"].items()}
+    torch.save(plain, tmp_path / "plain.pt")  # the same values without elision
+    element = 1 if precision == "int8" else 2
+    saved_by_one = int(zeros.sum()) * element - zeros.numel() / 8  # this weight's zeros, less its bitmask
+    assert (tmp_path / "plain.pt").stat().st_size - path.stat().st_size > saved_by_one
+    old = torch.load(path, weights_only=False)
+    old["model"] = {k: ({"int8": H.restore_zeros(v["int8"]), "scale": v["scale"]} if "int8" in v else H.restore_zeros(v))
+                    if isinstance(v, dict) else v for k, v in old["model"].items()}
+    torch.save(old, tmp_path / "old.pt")  # as written before elision: read the same
+    assert torch.equal(H.read_checkpoint(tmp_path / "old.pt")["model"][key], H.read_checkpoint(path)["model"][key])
 
 
 def test_a_checkpoint_from_before_the_flip_test_is_scored_without_it(tmp_path, tiny_data):

@@ -663,6 +663,37 @@ def test_report_gives_the_val_box_count_of_each_rare_detection_class(smoke_run, 
     assert f"by up to {1 / smoke_run['cfg'].num_det_classes:.2f}" in line
 
 
+def test_report_sets_detection_per_class_beside_its_baseline_and_its_val_boxes(smoke_run, tmp_path):
+    """Where detection's drop sits: each class's AP for the single-task baseline and the final model with its val box
+    count, and the mean over the classes with more than one val box (a one-box class swings mAP by a whole share)."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run["out"], run, ignore=shutil.ignore_patterns("*.pt", "synthetic_data"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    names = list(metrics["meta"]["data"]["det"]["boxes_per_class"]["val"])
+    metrics["meta"]["data"]["det"]["boxes_per_class"]["val"] = {n: (1 if i == 0 else 40) for i, n in enumerate(names)}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    record = json.loads((run / "single_task" / "det" / "done.json").read_text())
+    record["val"]["det.per_class_ap"] = {n: (0.5 if i == 0 else 0.1) for i, n in enumerate(names)}
+    record["val"]["det.per_class_ap50"] = {n: (1.0 if i == 0 else 0.2) for i, n in enumerate(names)}
+    (run / "single_task" / "det" / "done.json").write_text(json.dumps(record))
+    final = json.loads((run / "final_metrics.json").read_text())
+    final["det.per_class_ap"] = {n: (0.0 if i == 0 else 0.09) for i, n in enumerate(names)}
+    final["det.per_class_ap50"] = {n: (0.0 if i == 0 else 0.3) for i, n in enumerate(names)}
+    (run / "final_metrics.json").write_text(json.dumps(final))
+    text = H.write_report(run, run / "report.md").read_text()
+    assert f"| {names[0]} | 1 | 0.5000 | 0.0000 | 1.0000 | 0.0000 |" in text
+    assert f"| {names[1]} | 40 | 0.1000 | 0.0900 | 0.2000 | 0.3000 |" in text
+    assert (f"Without the class with one val box ({names[0]}): mAP over the other {len(names) - 1} classes 0.1000 for "
+            "the baseline, 0.0900 for the final model (drop 10.0 %)") in text
+    record["val"]["det.per_class_ap"][names[1]] = None  # a class with no val box in the baseline's scoring: left out of the mean
+    (run / "single_task" / "det" / "done.json").write_text(json.dumps(record))
+    text = H.write_report(run, run / "report.md").read_text()
+    assert f"| {names[1]} | 40 | n/a | 0.0900 |" in text and f"over the other {len(names) - 2} classes 0.1000" in text
+    shutil.rmtree(run / "single_task" / "det")  # no baseline record: no table
+    assert "Detection per class (val)" not in H.write_report(run, run / "report.md").read_text()
+
+
 def test_rule_bootstrap_rescores_the_runs_baselines_and_final_model(smoke_run, tmp_path):
     """tools/rule_bootstrap.py from the run's folder: its per-image scoring of each task's single-task baseline and
     of final.pt, over all val images, gives the figures the pipeline wrote in metrics.json; every draw is scored."""
