@@ -234,7 +234,12 @@ SECTIONS = {  # subfolder of results/experiments -> what its experiments compare
                "of that day (mIoU 0.4777), and with the ImageNet backbone put back (--reset backbone): mAP / mAP@0.5 "
                "0.0208 / 0.064 and 0.0267 / 0.070 against 0.0466 / 0.138 for detection alone, at the same train loss: "
                "the segmentation-trained backbone costs some of detection, the grown neck and head with the held "
-               "segmentation channels most of it (see stage2 s2-isolated-*).",
+               "segmentation channels most of it (see stage2 s2-isolated-*). s2-ownpath-free-seed1 (2026-12-06, the "
+               "path of its own, reads_old_channels det false, the default since 5d3dab3): the same free stage from "
+               "the same weights: mAP / mAP@0.5 0.0824 / 0.203 against 0.0333 / 0.096 for the method's stage 2 with "
+               "replay and distillation (runs/quick-seed1), segmentation down to 0.445 (stage 1 0.4777); half of that "
+               "mAP is the one val box of suitcase (AP 0.5, AP50 1.0): over the other nine classes 0.0360 / 0.115, "
+               "against 0.0331 / 0.100 for the method's stage 2 and 0.0332 / 0.116 for detection alone.",
     "seg": "Single-task segmentation (stage 1), quick profile at 256 px, 20 epochs: augmentation.",
     "stage2": "Detection as stage 2 after segmentation (from the same stage-1 weights, 256 px): the method's levers; "
               "seg.miou is the earlier task kept. s2-noprobe-seed1 (2026-12-02, 384 px, the recipe of that day): "
