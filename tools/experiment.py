@@ -256,7 +256,12 @@ SECTIONS = {  # subfolder of results/experiments -> what its experiments compare
               "channels and output rows no longer read the held segmentation channels (reads_old_channels det false); "
               "its output rows zero-started and probed 3 epochs first (the code of that hour), or drawn afresh "
               "without a probe (adopted): mAP / mAP@0.5 / mIoU 0.0360 / 0.125 / 0.483 and 0.0339 / 0.103 / 0.507 "
-              "against 0.0217 / 0.070 / 0.495, both still rising in their last epochs like detection alone.",
+              "against 0.0217 / 0.070 / 0.495, both still rising in their last epochs like detection alone. "
+              "s2-kdcur0-seed1 (2026-12-06 night, 675f2f7's defaults: the path of its own): the same stage without "
+              "segmentation's distillation on detection's own images (replay and its distillation kept): 0.0303 / "
+              "0.104 / 0.507 against 0.0333 / 0.096 / 0.486 for the pipeline's stage 2 from the same weights; over "
+              "the nine classes with more than one val box (suitcase has one) 0.0292 / 0.094 against 0.0331 / 0.100: "
+              "detection gains nothing, not adopted.",
     "stage3": "Classification as stage 3 (from the same stage-2 weights): the method's levers; seg.miou and det.map "
               "are the earlier tasks kept. s3-*: from an earlier stage-2 model of seed 0; s0-*, s1-*: from the "
               "stage-2 weights of that seed published before grow_neck_head (method-default-before-grow in stage2-start; s1-method reproduces the published seed-1 stage 3 of "
