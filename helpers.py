@@ -2250,8 +2250,7 @@ def config_from_checkpoint(payload: dict) -> Config:
     _layer(fields, {k: v for k, v in payload["config"].items() if k in fields})
     if "flip_test" not in payload["config"]:
         fields["flip_test"] = False  # written before the flip test existed: scored as its run scored it
-    if "final_precision" not in payload["config"]:  # written before int8 storage: fp16 where final_fp16 said so
-        fields["final_precision"] = "fp16" if payload["config"].get("final_fp16", False) else "fp32"
+    fields["final_precision"] = stored_precision(payload["config"])
     if "eval_scale" not in payload["config"]:
         fields["eval_scale"] = dict(UNSCALED_EVAL)  # written before eval_scale existed: scored at image_size
     cfg = Config(**fields)
@@ -2900,6 +2899,12 @@ INT8_PARTS = {"int8": ("",), "int8-neck-head": ("neck.", "head.")}  # whose conv
 STORED_AS = {"fp32": "float32", "fp16": "fp16",
              "int8-neck-head": "fp16 but for the neck's and head's conv weights: int8, one float32 scale per output channel",
              "int8": "int8 (conv and linear weights, one float32 scale per output channel; biases and BatchNorm fp16)"}
+
+
+def stored_precision(config: dict) -> str:
+    """The final_precision a run's config (as saved) names; one written before that field: fp16 where its final_fp16
+    said so, else fp32."""
+    return config.get("final_precision", "fp16" if config.get("final_fp16") else "fp32")
 
 
 def int8_scales(weight: torch.Tensor) -> torch.Tensor:
@@ -3995,7 +4000,7 @@ def _method_extras(cfg: dict) -> list[str]:
         lines.append(f"- **WiSE-FT (Wortsman et al., CVPR 2022)**: after a stage with earlier tasks, every weight is moved "
                      f"to start + alpha x (trained - start) with alpha {wise} (a fixed rule, not chosen on val); the "
                      "stage's own output channels keep their trained values.")
-    stored = cfg.get("final_precision", "fp16" if cfg.get("final_fp16") else "fp32")
+    stored = stored_precision(cfg)
     if stored != "fp32":
         lines.append(f"- The final model (final.pt) is stored in {STORED_AS[stored]}, and every final figure is the "
                      "score of the weights as stored.")
@@ -4054,19 +4059,19 @@ def _report_det_per_class(ctx: dict) -> list[str]:
     if "det.per_class_ap" not in base:
         return []
     boxes = ctx["meta"].get("data", {}).get("det", {}).get("boxes_per_class", {}).get("val", {})
-    names = list(final["det.per_class_ap"])
+    ap = {"baseline": base["det.per_class_ap"], "final": final["det.per_class_ap"]}
+    ap50 = {"baseline": base["det.per_class_ap50"], "final": final["det.per_class_ap50"]}
+    names = list(ap["final"])
     lines = ["Detection per class (val), the single-task baseline against the final model:", "",
              "| class | val boxes | AP baseline | AP final | AP@0.5 baseline | AP@0.5 final |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for n in names:
-        lines.append(f"| {n} | {boxes.get(n, '?')} | {_fmt(base['det.per_class_ap'].get(n))} | "
-                     f"{_fmt(final['det.per_class_ap'][n])} | {_fmt(base['det.per_class_ap50'].get(n))} | "
-                     f"{_fmt(final['det.per_class_ap50'][n])} |")
+        lines.append(f"| {n} | {boxes.get(n, '?')} | {_fmt(ap['baseline'].get(n))} | {_fmt(ap['final'][n])} | "
+                     f"{_fmt(ap50['baseline'].get(n))} | {_fmt(ap50['final'][n])} |")
     single = [n for n in names if boxes.get(n) == 1]
-    kept = [n for n in names if n not in single and None not in (base["det.per_class_ap"].get(n), final["det.per_class_ap"][n])]
+    kept = [n for n in names if n not in single and None not in (ap["baseline"].get(n), ap["final"][n])]
     if single and kept:
-        b = float(np.mean([base["det.per_class_ap"][n] for n in kept]))
-        f = float(np.mean([final["det.per_class_ap"][n] for n in kept]))
+        b, f = (float(np.mean([ap[who][n] for n in kept])) for who in ("baseline", "final"))
         lines += ["", f"Without the class{'es' if len(single) > 1 else ''} with one val box ({', '.join(single)}): mAP "
                   f"over the other {len(kept)} classes {_fmt(b)} for the baseline, {_fmt(f)} for the final model "
                   f"(drop {_fmt(100 * (b - f) / b if b else None, 1)} %). A reading of where the drop sits, not the rule, "
