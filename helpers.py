@@ -355,10 +355,10 @@ class Config:
     # how final.pt stores the final model's weights (`pack_weights`): "fp32", "fp16", "int8-neck-head" (the neck's and
     # head's conv weights in int8 with a scale per output channel, the rest in fp16) or "int8" (every conv and linear
     # weight so); mostly-zero tensors (the held blocks of a grown neck and head) keep only their nonzero values. The
-    # final model is scored as stored. Seed 1's stage-2 weights of 2026-12-06 (results/experiments/pipeline-isolated-
-    # det), val detection mAP / mAP@0.5 / mIoU: fp32 0.0333 / 0.096 / -, fp16 0.0332 / 0.0959 / 0.4854, int8
-    # 0.0310 / 0.091 / - (the backbone's int8 costs detection 7 %: backbone alone in int8 0.0310 / 0.0910 / 0.4847), int8
-    # neck and head 0.0331 / 0.0957 / 0.4851. A final model of 6.6M parameters is about 13.4 MB in fp16 without the
+    # final model is scored as stored. Seed 1's stage-2 weights of 2026-12-06 stored each way (results/experiments/
+    # storage), val detection mAP / mAP@0.5 / mIoU: fp32 0.0333 / 0.0959 / 0.4857, fp16 0.0332 / 0.0959 / 0.4854,
+    # int8-neck-head 0.0331 / 0.0957 / 0.4851, int8 0.0310 / 0.0910 / 0.4844 (7 % of detection, from the backbone's
+    # int8). A final model of 6.6M parameters is about 13.4 MB in fp16 without the
     # zero elision, about 11 with it, under 9 in int8-neck-head: that, within a thousandth of fp16
     final_precision: str = "int8-neck-head"
     # machinery

@@ -167,6 +167,12 @@ def test_score_only_scores_saved_weights_with_other_scoring_settings_and_refuses
     for key in ("det.map", "det.map50", "seg.miou"):
         assert record["metrics"][key] == pytest.approx(expected[key]), key
     assert f"no training: {weights} scored on {synthetic_root}'s val" in run_tool("--table", tmp_path).stdout
+    proc = run_tool("w-int8", "--task", "seg", "--score-only", weights, "--set", "final_precision=int8",
+                    "--data_root", synthetic_root, "--out", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    H.round_to_storage(model, "int8")  # the weights as an int8 final.pt holds them
+    expected = H.evaluate(model, {"seg": data["seg"]["val"]}, loaded, tasks=["seg"])
+    assert json.loads((tmp_path / "w-int8.json").read_text())["metrics"]["seg.miou"] == pytest.approx(expected["seg.miou"])
     refused = run_tool("w-lr", "--task", "det", "--score-only", weights, "--set", "lr=0.1",
                        "--data_root", synthetic_root, "--out", tmp_path)
     assert refused.returncode != 0 and "['lr'] are training fields" in refused.stderr
