@@ -27,10 +27,15 @@ def test_run_all_gives_a_small_readable_notebook(tmp_path):
     assert "IProgress" not in text and "TqdmWarning" not in text
     assert not any(o.get("output_type") == "error" for c in code for o in c.get("outputs", []))
     assert executed.stat().st_size < 1_000_000, executed.stat().st_size
-    # the stages' progress is one output each, holding one line per epoch
+    # each model a stage cell trains shows its progress as one output, holding one line per epoch: the stage's, and
+    # before a stage that distils its task's single-task model (single_task_teacher_weight) that model's, trained first
+    import helpers as H
+    cfg = H.make_config("smoke")
+    experts = [k > 0 and cfg.single_task_teacher_weight.get(task, 0.0) > 0 for k, task in enumerate(cfg.order)]
     stage_cells = [c for c in code if "run_sequence(cfg, data, upto=" in "".join(c["source"])]
     assert len(stage_cells) == 3
-    for cell in stage_cells:
+    for cell, task, expert in zip(stage_cells, cfg.order, experts):
         shown = ["".join(o.get("data", {}).get("text/plain", "")) for o in cell["outputs"]
                  if o.get("output_type") == "display_data"]
-        assert len(shown) == 1 and "epoch 1/" in shown[0], shown
+        assert len(shown) == 1 + expert and all("epoch 1/" in s for s in shown), shown
+        assert not expert or shown[0].startswith(f"[single:{task}] epoch 1/"), shown[0][:80]

@@ -234,8 +234,9 @@ def test_detection_stage_distils_the_single_task_detector_trained_once(tmp_path,
     method = sum(s["seconds"] for s in results["strategies"]["full"]["stages"])
     assert seconds["method_with_experts"] == pytest.approx(method + results["single_task"]["det"]["seconds"])
     assert any("Single-task teacher (disclosed)" in line for line in H._method_extras(cfg.to_dict()))
-    assert not any("Single-task teacher" in line for line in H._method_extras(H.make_config("smoke").to_dict()))
-    assert "method_with_experts" not in H.training_seconds(results, H.make_config("smoke"))
+    without = H.make_config("smoke", single_task_teacher_weight={"det": 0.0})  # detection's is on by default
+    assert not any("Single-task teacher" in line for line in H._method_extras(without.to_dict()))
+    assert "method_with_experts" not in H.training_seconds(results, without)
 
 
 def test_run_pipeline_takes_the_detection_classes_from_its_data(tmp_path):
@@ -559,8 +560,11 @@ def test_training_time_totals_name_every_run(smoke_run):
     naive = sum(s["seconds"] for s in results["strategies"]["naive"]["stages"][1:])  # stage 1 is shared
     single = sum(v["seconds"] for t, v in results["single_task"].items() if t != cfg.order[0])  # first: stage 1
     expected = {"method": method, "naive_ablation": naive, "single_task_baselines": single,
-                "all": method + naive + single}
-    assert res["train_seconds"] == pytest.approx(expected)  # no single-task teacher by default: no fifth total
+                "all": method + naive + single,
+                # detection's stage distils detection alone (on by default): the method's cost with its expert's
+                "method_with_experts": method + results["single_task"]["det"]["seconds"]}
+    assert cfg.single_task_teacher_weight == {"seg": 0.0, "det": 1.0, "cls": 0.0}
+    assert res["train_seconds"] == pytest.approx(expected)
     assert single > 0 and naive > 0
     report = (smoke_run["out"] / "report.md").read_text()
     for value in expected.values():

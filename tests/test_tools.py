@@ -68,6 +68,9 @@ def test_readme_lists_stage_tables_and_whole_pipeline_runs(tmp_path):
               "commit": "abc1234", "metrics": {"det.map": 0.0123, "seg.miou": 0.4567},
               "history": [{"epoch": 1, "det.map": 0.0123}]}
     (stage / "s2-x.json").write_text(json.dumps(record))
+    agreement = {"name": "agree-x", "task": "det", "reference": "alone.pt", "data_root": "data", "images": "cls:train",
+                 "date": "2026-01-02", "rows": [{"model": "s2-x.pt", "images": 240, "distillation_loss": 0.321}]}
+    (stage / "agree-x.json").write_text(json.dumps(agreement))  # listed under the table, not as an experiment row
     (tmp_path / "pipeline-y").mkdir()
     (tmp_path / "pipeline-y" / "README.md").write_text("# The pipeline with y changed\n\nbody\n")
     (tmp_path / "empty").mkdir()
@@ -77,6 +80,8 @@ def test_readme_lists_stage_tables_and_whole_pipeline_runs(tmp_path):
     assert "## stage2" in text and "| s2-x | lr=0.002 | 3 | 0.0123 |" in text and "0.4567" in text
     assert "- [pipeline-y](pipeline-y/README.md): The pipeline with y changed" in text
     assert "empty" not in text
+    assert "Agreement `agree-x` (det outputs against alone.pt, 240 images cls:train of data" in text
+    assert "| s2-x.pt | 0.3210 |" in text and "| agree-x |" not in text
 
 
 def load_bootstrap_tool():
@@ -135,11 +140,12 @@ def test_compare_runs_tabulates_each_runs_stage_records(tmp_path):
 
 def test_experiment_refuses_an_expert_it_would_not_use(tmp_path):
     """--expert only acts in a later stage of the method with a single_task_teacher_weight for the task: without
-    --init/--earlier, or with the weight at 0 (the default), the run stops before training and says what is missing."""
+    --init/--earlier, or with the weight at 0, the run stops before training and says what is missing."""
     common = ["--profile", "smoke", "--out", tmp_path, "--expert", tmp_path / "single.pt"]
     alone = run_tool("e1", "--task", "det", *common)
     assert alone.returncode != 0 and "--expert needs --init and --earlier" in alone.stderr
-    unweighted = run_tool("e2", "--task", "det", "--init", tmp_path / "w.pt", "--earlier", "seg", *common)
+    unweighted = run_tool("e2", "--task", "det", "--init", tmp_path / "w.pt", "--earlier", "seg",
+                          "--set", 'single_task_teacher_weight={"det": 0}', *common)  # detection's is on by default
     assert unweighted.returncode != 0 and "--expert needs a weight for it" in unweighted.stderr
     assert not list(tmp_path.glob("*.json"))
 
@@ -257,3 +263,45 @@ def test_stage_weights_from_final_recover_the_weights_before_a_held_last_stage(t
             assert torch.equal(got["model"][key], value), key
     trained = H.read_checkpoint(tmp_path / "run" / "final.pt")["model"][last + "weight"][rows][:, :56]
     assert not torch.allclose(trained, saved["model"][last + "weight"][rows], rtol=1e-2, atol=1e-6)  # stage 3 moved them
+
+
+def test_agreement_is_zero_against_itself_and_grows_with_a_moved_head(tmp_path, synthetic_root):
+    """tools/agreement.py: a model against itself agrees on every image with zero KL and zero heatmap difference;
+    a copy whose classification rows moved disagrees (KL > 0); detection read on classification images at the
+    detection size; the record lists one row per model; val of the task itself is refused as --images."""
+    import importlib.util
+    import helpers as H
+
+    spec = importlib.util.spec_from_file_location("agreement", ROOT / "tools" / "agreement.py")
+    agreement = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(agreement)
+    cfg = H.make_config("smoke", image_size=96)
+    data = H.load_all(synthetic_root, verbose=False)
+    same = H.initial_model(cfg)
+    moved = H.initial_model(cfg)
+    moved.load_state_dict(same.state_dict())
+    a, b = moved.head.layout["cls"]
+    with torch.no_grad():
+        moved.head.layers[-1].bias[a:b] += torch.linspace(-3, 3, b - a)
+    ref = H.save_checkpoint(tmp_path / "ref.pt", same, cfg, H.data_classes(data))
+    other = H.save_checkpoint(tmp_path / "moved.pt", moved, cfg, H.data_classes(data))
+    batches = agreement.image_batches(data["cls"]["val"], cfg, "cls")
+    itself = agreement.disagreement(same, same, batches, "cls")
+    assert itself["top1_agreement"] == 1.0 and itself["kl_from_reference"] == pytest.approx(0.0, abs=1e-6)
+    assert itself["images"] == len(data["cls"]["val"]) and itself["top1"] == itself["reference_top1"]
+    assert agreement.disagreement(moved, same, batches, "cls")["kl_from_reference"] > 0.01
+    det_batches = agreement.image_batches(data["cls"]["train"], cfg, "det")
+    assert det_batches[0]["image"].shape[-2:] == (96, 96)
+    on_seg = agreement.image_batches(data["seg"]["train"], H.make_config("smoke", image_size=96,
+                                                                         eval_scale={"det": 2.0, "seg": 1.0}), "det")
+    assert on_seg[0]["image"].shape[-2:] == (192, 192)  # at detection's eval scale, not segmentation's
+    with pytest.raises(ValueError, match="stand for"):
+        agreement.image_batches(data["det"]["train"], cfg, "cls")
+    assert agreement.disagreement(moved, same, det_batches, "det")["heatmap_abs_diff"] == 0.0  # det rows untouched
+    record = agreement.main(["t", str(ref), str(other), "--task", "cls", "--reference", str(ref), "--data_root",
+                             str(synthetic_root), "--out", str(tmp_path)])
+    assert [r["model"] for r in record["rows"]] == [str(ref), str(other)]
+    assert json.loads((tmp_path / "t.json").read_text())["rows"][0]["top1_agreement"] == 1.0
+    with pytest.raises(SystemExit, match="outside val"):
+        agreement.main(["t", str(ref), "--task", "cls", "--images", "cls:val", "--reference", str(ref),
+                        "--data_root", str(synthetic_root), "--out", str(tmp_path)])

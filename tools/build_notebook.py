@@ -146,8 +146,8 @@ for k, task in enumerate(("first", "second", "third")):
     md(f"## {5 + k}. Stage {k + 1}\nThe {task} task of `cfg.order` alone"
        + (" on fresh channels, the earlier tasks' channels held (plus replay and distillation of the earlier tasks "
              "where the stage trains the backbone, as detection's does; classification's holds it, and the earlier "
-             "tasks' scores do not move; a task given a `single_task_teacher_weight`, off by default, also distils its "
-             "own single-task model, trained here first when section 8 has not run yet, which then loads it)."
+             "tasks' scores do not move; a task given a `single_task_teacher_weight`, detection by default, also distils "
+             "its own single-task model, trained here first when section 8 has not run yet, which then loads it)."
           if k else ".")
        + " Set the flag to train it again after changing parameters; a finished stage is loaded, not retrained.")
     code(f"""
