@@ -286,10 +286,12 @@ def test_agreement_is_zero_against_itself_and_grows_with_a_moved_head(tmp_path, 
     ref = H.save_checkpoint(tmp_path / "ref.pt", same, cfg, H.data_classes(data))
     other = H.save_checkpoint(tmp_path / "moved.pt", moved, cfg, H.data_classes(data))
     batches = agreement.image_batches(data["cls"]["val"], cfg, "cls")
-    itself = agreement.disagreement(same, same, batches, "cls")
+    same_out = agreement.task_outputs(same, batches)
+    itself = agreement.disagreement(same_out, same_out, batches, "cls")
     assert itself["top1_agreement"] == 1.0 and itself["kl_from_reference"] == pytest.approx(0.0, abs=1e-6)
     assert itself["images"] == len(data["cls"]["val"]) and itself["top1"] == itself["reference_top1"]
-    assert agreement.disagreement(moved, same, batches, "cls")["kl_from_reference"] > 0.01
+    assert agreement.disagreement(agreement.task_outputs(moved, batches), same_out, batches,
+                                  "cls")["kl_from_reference"] > 0.01
     det_batches = agreement.image_batches(data["cls"]["train"], cfg, "det")
     assert det_batches[0]["image"].shape[-2:] == (96, 96)
     on_seg = agreement.image_batches(data["seg"]["train"], H.make_config("smoke", image_size=96,
@@ -297,7 +299,8 @@ def test_agreement_is_zero_against_itself_and_grows_with_a_moved_head(tmp_path, 
     assert on_seg[0]["image"].shape[-2:] == (192, 192)  # at detection's eval scale, not segmentation's
     with pytest.raises(ValueError, match="stand for"):
         agreement.image_batches(data["det"]["train"], cfg, "cls")
-    assert agreement.disagreement(moved, same, det_batches, "det")["heatmap_abs_diff"] == 0.0  # det rows untouched
+    moved_det, same_det = (agreement.task_outputs(m, det_batches) for m in (moved, same))
+    assert agreement.disagreement(moved_det, same_det, det_batches, "det")["heatmap_abs_diff"] == 0.0  # det rows untouched
     record = agreement.main(["t", str(ref), str(other), "--task", "cls", "--reference", str(ref), "--data_root",
                              str(synthetic_root), "--out", str(tmp_path)])
     assert [r["model"] for r in record["rows"]] == [str(ref), str(other)]

@@ -53,35 +53,32 @@ def image_batches(data: H.TaskData, cfg: H.Config, task: str) -> list[dict]:
 
 
 @torch.no_grad()
-def disagreement(model: H.UniHeadNet, reference: H.UniHeadNet, batches: list[dict], task: str, *,
-                 flip_test: bool = False, det_kd_conf: float = 0.3) -> dict[str, float]:
-    """Distance of `model`'s `task` outputs from `reference`'s over the batches (both in eval mode)."""
-    model.eval(), reference.eval()
+def task_outputs(model: H.UniHeadNet, batches: list[dict], *, flip_test: bool = False) -> list[dict]:
+    """The model's outputs as scored (eval mode), one dict per batch."""
+    model.eval()
+    return [model.predict(batch["image"], flip_test=flip_test) for batch in batches]
+
+
+def disagreement(outputs: list[dict], reference: list[dict], batches: list[dict], task: str, *,
+                 det_kd_conf: float = 0.3) -> dict[str, float]:
+    """Distance of a model's `task` outputs from the reference model's (`task_outputs` of each over the batches)."""
     if task == "cls":
-        logits, ref_logits, labels = [], [], []
-        for batch in batches:
-            logits.append(model.predict(batch["image"], flip_test=flip_test)["cls"].float())
-            ref_logits.append(reference.predict(batch["image"], flip_test=flip_test)["cls"].float())
-            labels.append(batch.get("label"))
-        s, r = torch.cat(logits), torch.cat(ref_logits)
+        s = torch.cat([o["cls"].float() for o in outputs])
+        r = torch.cat([o["cls"].float() for o in reference])
         out = {"images": len(s), "top1_agreement": float((s.argmax(1) == r.argmax(1)).float().mean()),
-               "kl_from_reference": float(F.kl_div(F.log_softmax(s, 1), F.log_softmax(r, 1), log_target=True,
-                                                   reduction="batchmean"))}
-        if all(y is not None for y in labels):
-            y = torch.cat(labels)
+               "kl_from_reference": float(H.kd_kl(s, r, temperature=1.0))}
+        if all("label" in batch for batch in batches):
+            y = torch.cat([batch["label"] for batch in batches])
             out.update(top1=float((s.argmax(1) == y).float().mean()), nll=float(F.cross_entropy(s, y)),
                        reference_top1=float((r.argmax(1) == y).float().mean()))
         return out
     if task == "det":
-        images, kd, heat = 0, 0.0, 0.0
-        for batch in batches:
-            o = model.predict(batch["image"], flip_test=flip_test)
-            r = reference.predict(batch["image"], flip_test=flip_test)
-            n = len(batch["image"])
-            kd += n * float(H.detection_distillation_loss(o, r, det_kd_conf))
-            heat += n * float((o["det_heatmap"].float().sigmoid() - r["det_heatmap"].float().sigmoid()).abs().mean())
-            images += n
-        return {"images": images, "distillation_loss": kd / images, "heatmap_abs_diff": heat / images}
+        sizes = [len(batch["image"]) for batch in batches]
+        kd = sum(n * float(H.detection_distillation_loss(o, r, det_kd_conf))
+                 for n, o, r in zip(sizes, outputs, reference))
+        heat = sum(n * float((o["det_heatmap"].float().sigmoid() - r["det_heatmap"].float().sigmoid()).abs().mean())
+                   for n, o, r in zip(sizes, outputs, reference))
+        return {"images": sum(sizes), "distillation_loss": kd / sum(sizes), "heatmap_abs_diff": heat / sum(sizes)}
     raise ValueError(f"no agreement measure for task {task!r} (cls, det)")
 
 
@@ -104,11 +101,12 @@ def main(argv: list[str] | None = None) -> dict:
     reference, cfg, _ = H.load_checkpoint(args.reference, "cpu")
     data = H.load_all(args.data_root, [image_task], (split,), verbose=False)[image_task][split]
     batches = image_batches(data, cfg, args.task)
+    reference_outputs = task_outputs(reference, batches, flip_test=cfg.flip_test)  # once, for every model
     rows = []
     for path in args.models:
-        model = H.load_checkpoint(path, "cpu")[0]
-        row = {"model": path, **disagreement(model, reference, batches, args.task, flip_test=cfg.flip_test,
-                                               det_kd_conf=cfg.det_kd_conf)}
+        outputs = task_outputs(H.load_checkpoint(path, "cpu")[0], batches, flip_test=cfg.flip_test)
+        row = {"model": path, **disagreement(outputs, reference_outputs, batches, args.task,
+                                             det_kd_conf=cfg.det_kd_conf)}
         print(json.dumps(row))
         rows.append(row)
     record = {"name": args.name, "task": args.task, "reference": args.reference, "data_root": args.data_root,

@@ -158,10 +158,15 @@ def watched_tail(record: dict, key: str, n: int = 3) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def folder_records(folder: Path) -> list[dict]:
+    """Every JSON record in the folder: experiments (with 'metrics') and agreement records (with 'rows')."""
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+
+
 def agreement_table(folder: Path) -> str:
     """The folder's agreement records (tools/agreement.py): each model's distance from a reference model's outputs
     on images outside val; '' when it has none."""
-    records = [r for r in (json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))) if "rows" in r]
+    records = [r for r in folder_records(folder) if "rows" in r]
     lines = []
     for r in records:
         keys = [k for k in r["rows"][0] if k not in ("model", "images")]
@@ -174,7 +179,7 @@ def agreement_table(folder: Path) -> str:
 
 
 def table(folder: Path) -> str:
-    rows = [r for r in (json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))) if "metrics" in r]
+    rows = [r for r in folder_records(folder) if "metrics" in r]
     rows.sort(key=lambda r: (r["task"], r.get("date", ""), r["name"]))
     present = [(k, t) for k, t in COLUMNS if any(k in r["metrics"] for r in rows)]
     lines = ["| experiment | changes | seed | " + " | ".join(t for _, t in present)
@@ -446,8 +451,9 @@ def write_readme(root: Path) -> Path:
             runs.append(sub)
     for sub in records:
         lines += [f"## {sub.name}", "", SECTIONS.get(sub.name, ""), "", table(sub), ""]
-        if agreement_table(sub):
-            lines += [agreement_table(sub)]
+        agreements = agreement_table(sub)
+        if agreements:
+            lines.append(agreements)
     if runs:
         lines += ["## Whole pipeline runs", "", "The notebook run with one change against a published run; each "
                   "folder's README says what changed, where its artifacts are and what came of it.", ""]
