@@ -680,6 +680,43 @@ def test_held_stage_epochs_apply_to_the_methods_held_stage_only():
     assert H.stage_epochs(dataclasses.replace(cfg, held_stage_epochs={"cls": 0}), "cls", ["seg", "det"], True) == 4
 
 
+def test_held_stage_distils_the_imagenet_teacher_at_its_own_weight(tiny_data):
+    """held_stage_cls_teacher_weight: classification's held stage trains with the ImageNet teacher at that weight
+    (its loss term scaled by it); the single-task baseline, naive fine-tuning and a stage whose backbone learns keep
+    cls_teacher_weight; None keeps it everywhere; a run with no teacher (cls_teacher_weight 0) gets none."""
+    cfg = H.make_config("smoke", batch_size=4, cls_teacher_weight=0.5, held_stage_cls_teacher_weight=3.0,
+                        grow_neck_head={"det": 8, "cls": 8})
+    later = (["seg", "det"], True)
+    assert H.holds_earlier_tasks(cfg, "cls", *later)
+    assert H.stage_config(cfg, "cls", *later).cls_teacher_weight == 3.0
+    assert H.stage_config(cfg, "cls", [], False).cls_teacher_weight == 0.5  # classification alone
+    assert H.stage_config(cfg, "cls", ["seg", "det"], False).cls_teacher_weight == 0.5  # naive
+    learning = dataclasses.replace(cfg, later_backbone_lr_scale={"seg": 1.0, "det": 1.0, "cls": 0.5})
+    assert H.stage_config(learning, "cls", *later).cls_teacher_weight == 0.5
+    unset = dataclasses.replace(cfg, held_stage_cls_teacher_weight=None)
+    assert H.stage_config(unset, "cls", *later) is unset
+    assert H.stage_config(dataclasses.replace(cfg, cls_teacher_weight=0.0), "cls", *later).cls_teacher_weight == 0
+    assert H.stage_config(cfg, "det", ["seg"], True) is cfg
+    model = H.initial_model(cfg)
+    H.start_stage(model, "det", cfg, earlier=["seg"], replay=True)
+    H.start_stage(model, "cls", cfg, earlier=["seg", "det"], replay=True)
+    stage = H.make_stage(model, "cls", tiny_data, cfg, earlier=["seg", "det"], replay=True)
+    assert stage.cfg.cls_teacher_weight == 3.0 and isinstance(stage.task_teachers["cls"], H.ImageNetTeacher)
+    model.train()  # a held backbone runs as in evaluation: no stochastic depth between the two passes
+    batch = next(iter(stage.loader))
+    held = H.training_step_loss(model, "cls", batch, stage.cfg, task_teachers=stage.task_teachers)
+    plain = H.training_step_loss(model, "cls", batch, cfg, task_teachers=stage.task_teachers)
+    assert held["cls_teacher"].item() == pytest.approx(6 * plain["cls_teacher"].item(), rel=1e-5)
+    assert held["cls"].item() == pytest.approx(plain["cls"].item(), rel=1e-6)
+    baseline = H.make_stage(H.initial_model(cfg), "cls", tiny_data, cfg)
+    assert baseline.cfg.cls_teacher_weight == 0.5
+    # the report discloses both weights, and only the one where the held stage uses the baseline's
+    line, = [line for line in H._method_extras(cfg.to_dict()) if "ImageNet-classifier teacher" in line]
+    assert "weight 0.5, and 3.0 in classification's held stage, which can move nothing an earlier task reads; KL" in line and "baseline distils the same teacher at 0.5" in line
+    line, = [line for line in H._method_extras(unset.to_dict()) if "ImageNet-classifier teacher" in line]
+    assert "weight 0.5," in line and "held stage" not in line
+
+
 def test_a_sequence_continues_from_its_last_finished_stage_without_the_earlier_weights(tiny_data, tmp_path):
     """Re-running a sequence loads only the finished stage it continues from: with stage 1's weights gone (its
     record kept), stage 3 trains from stage 2's weights, for held_stage_epochs, and as a held stage leaves

@@ -308,3 +308,36 @@ def test_agreement_is_zero_against_itself_and_grows_with_a_moved_head(tmp_path, 
     with pytest.raises(SystemExit, match="outside val"):
         agreement.main(["t", str(ref), "--task", "cls", "--images", "cls:val", "--reference", str(ref),
                         "--data_root", str(synthetic_root), "--out", str(tmp_path)])
+
+
+def test_agreement_against_the_imagenet_teacher(tmp_path, synthetic_root):
+    """tools/agreement.py --reference imagenet: the reference is the backbone's ImageNet classifier (its logits of the
+    10 classes, averaged with its mirror image's under the flip test), its top-1 the record's reference_top1;
+    detection has no such reference."""
+    import importlib.util
+    import helpers as H
+
+    spec = importlib.util.spec_from_file_location("agreement", ROOT / "tools" / "agreement.py")
+    agreement = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(agreement)
+    cfg = H.make_config("smoke", image_size=96)
+    data = H.load_all(synthetic_root, verbose=False)
+    model = H.initial_model(cfg)
+    path = H.save_checkpoint(tmp_path / "m.pt", model, cfg, H.data_classes(data))
+    teacher = H.ImageNetTeacher(cfg.backbone, cfg.backbone_weights, data["cls"]["val"].class_names)
+    batches = agreement.image_batches(data["cls"]["val"], cfg, "cls")
+    x = batches[0]["image"]
+    plain = agreement.imagenet_outputs(teacher, batches[:1])[0]["cls"]
+    flipped = agreement.imagenet_outputs(teacher, batches[:1], flip_test=True)[0]["cls"]
+    torch.testing.assert_close(plain, teacher(x))
+    torch.testing.assert_close(flipped, (teacher(x) + teacher(x.flip(-1))) / 2)
+    record = agreement.main(["t", str(path), "--task", "cls", "--reference", "imagenet", "--data_root",
+                             str(synthetic_root), "--out", str(tmp_path)])
+    logits = torch.cat([o["cls"] for o in agreement.imagenet_outputs(teacher, batches, flip_test=cfg.flip_test)])
+    labels = torch.cat([b["label"] for b in batches])
+    row, = record["rows"]
+    assert row["reference_top1"] == pytest.approx(float((logits.argmax(1) == labels).float().mean()))
+    assert record["reference"] == "imagenet" and row["kl_from_reference"] > 0
+    with pytest.raises(SystemExit, match="classification outputs only"):
+        agreement.main(["t", str(path), "--task", "det", "--reference", "imagenet", "--data_root",
+                        str(synthetic_root), "--out", str(tmp_path)])

@@ -10,6 +10,9 @@ say) is judged here by whether it does, on images outside val:
         --reference results/experiments/cls-holdout/h-base-keep-seed1/weights.pt \
         results/experiments/cls-holdout/h-s3-default-seed1/weights.pt \
         results/experiments/cls-holdout/h-s3-expert1-seed1/weights.pt --out results/experiments/cls-holdout
+    # classification outputs against the ImageNet teacher's (its top-1 is reference_top1)
+    python tools/agreement.py cls-teacher-holdout --task cls --data_root data_holdout --split val \
+        --reference imagenet results/experiments/cls-holdout/h2-s3-default-seed1/weights.pt --out DIR
     # detection outputs on Imagenette's train images (no detector trained on them), read at detection's size
     # (seg:train: VOC's, whose objects are mostly COCO classes; the method replays them, without detection labels)
     python tools/agreement.py det-expert-seed1 --task det --images cls:train --data_root data \
@@ -59,6 +62,21 @@ def task_outputs(model: H.UniHeadNet, batches: list[dict], *, flip_test: bool = 
     return [model.predict(batch["image"], flip_test=flip_test) for batch in batches]
 
 
+IMAGENET_REFERENCE = "imagenet"  # --reference: the ImageNet teacher instead of a weights file
+
+
+@torch.no_grad()
+def imagenet_outputs(teacher: H.ImageNetTeacher, batches: list[dict], *, flip_test: bool = False) -> list[dict]:
+    """The ImageNet teacher's logits of the classes, as a model's classification outputs (`task_outputs`); with the
+    flip test the mean of its logits on the image and on its mirror image, as the models' are scored."""
+    outputs = []
+    for batch in batches:
+        x = batch["image"]
+        logits = (teacher(x) + teacher(x.flip(-1))) / 2 if flip_test else teacher(x)
+        outputs.append({"cls": logits})
+    return outputs
+
+
 def disagreement(outputs: list[dict], reference: list[dict], batches: list[dict], task: str, *,
                  det_kd_conf: float = 0.3) -> dict[str, float]:
     """Distance of a model's `task` outputs from the reference model's (`task_outputs` of each over the batches)."""
@@ -87,7 +105,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("name", help="name of the record (<out>/<name>.json)")
     p.add_argument("models", nargs="+", help="weights.pt or final.pt files to compare with the reference")
     p.add_argument("--task", required=True, choices=("cls", "det"), help="whose outputs are compared")
-    p.add_argument("--reference", required=True, help="the reference model's weights (e.g. the single-task baseline)")
+    p.add_argument("--reference", required=True,
+                   help="the reference model's weights (e.g. the single-task baseline); with --task cls, 'imagenet': "
+                        "the backbone's own pretrained ImageNet classifier (the ImageNet teacher, of the first model's "
+                        "config), its logits of the 10 classes")
     p.add_argument("--data_root", required=True)
     p.add_argument("--images", default=None, metavar="TASK:SPLIT",
                    help="whose images (default: the task's own, --split); cls:train reads Imagenette's train images, "
@@ -98,10 +119,17 @@ def main(argv: list[str] | None = None) -> dict:
     image_task, split = (args.images.split(":") if args.images else (args.task, args.split))
     if args.images and image_task == args.task and split == "val":
         raise SystemExit("--images names the task's own val: compare on images outside val")
-    reference, cfg, _ = H.load_checkpoint(args.reference, "cpu")
+    if args.reference == IMAGENET_REFERENCE and args.task != "cls":
+        raise SystemExit("--reference imagenet is the ImageNet classifier: it gives classification outputs only")
+    reference, cfg, _ = H.load_checkpoint(args.models[0] if args.reference == IMAGENET_REFERENCE else args.reference,
+                                          "cpu")
     data = H.load_all(args.data_root, [image_task], (split,), verbose=False)[image_task][split]
     batches = image_batches(data, cfg, args.task)
-    reference_outputs = task_outputs(reference, batches, flip_test=cfg.flip_test)  # once, for every model
+    if args.reference == IMAGENET_REFERENCE:
+        reference = H.ImageNetTeacher(cfg.backbone, cfg.backbone_weights, data.class_names)
+        reference_outputs = imagenet_outputs(reference, batches, flip_test=cfg.flip_test)
+    else:
+        reference_outputs = task_outputs(reference, batches, flip_test=cfg.flip_test)  # once, for every model
     rows = []
     for path in args.models:
         outputs = task_outputs(H.load_checkpoint(path, "cpu")[0], batches, flip_test=cfg.flip_test)

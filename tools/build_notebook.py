@@ -36,7 +36,8 @@ per step); classification's stage holds the backbone as well, so segmentation an
 all (`later_backbone_lr_scale`). A later stage starts by training only its own output channels (probe first,
 `probe_epochs`). Classification also distils from the backbone's own pretrained ImageNet
 classifier (its logits of the 10 Imagenette classes; pretrained knowledge the assignment allows, disclosed in
-the report; `cls_teacher_weight`).
+the report; `cls_teacher_weight`, and `held_stage_cls_teacher_weight` in its held stage, where the backbone cannot
+adapt and the stage leans on the teacher harder).
 
 **Run All** trains and evaluates everything and writes a report. Each section re-runs on its own after the ones
 before it: to tune a stage, change the parameters and re-run that stage's cells (set its `RETRAIN_...` flag).
