@@ -186,7 +186,8 @@ class Config:
     # weight of distillation from the backbone's own pretrained ImageNet classifier (its logits of the 10
     # Imagenette classes, KL at kd_temperature) on classification images, added to the cross-entropy; 0: off.
     # Pretrained ImageNet knowledge, which the assignment allows; the report discloses it when used. It applies
-    # wherever classification trains, the single-task baseline included. Its KL term is ~4x the cross-entropy at
+    # wherever classification trains, the single-task baseline included (the method's held classification stage at
+    # held_stage_cls_teacher_weight instead). Its KL term is ~4x the cross-entropy at
     # weight 1 and pulls the shared features away from the earlier tasks (quick profile, seed 0, stage 3 from the
     # same stage-2 weights, weight 0 / 0.25 / 0.5 / 1: top-1 0.800 / 0.833 / 0.850 / 0.867, segmentation kept
     # at mIoU 0.464 / 0.459 / 0.450 / 0.427; results/experiments/stage3): 0.5 trades one Imagenette image for

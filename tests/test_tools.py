@@ -84,12 +84,17 @@ def test_readme_lists_stage_tables_and_whole_pipeline_runs(tmp_path):
     assert "| s2-x.pt | 0.3210 |" in text and "| agree-x |" not in text
 
 
-def load_bootstrap_tool():
+def load_tool(name: str):
+    """tools/<name>.py as a module (the tools are scripts, not a package)."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("rule_bootstrap", ROOT / "tools" / "rule_bootstrap.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_bootstrap_tool():
+    return load_tool("rule_bootstrap")
 
 
 def test_bootstrap_draws_score_repeated_images_as_new_ones(tmp_path):
@@ -234,12 +239,9 @@ def test_stage_weights_from_final_recover_the_weights_before_a_held_last_stage(t
     learning): the tool cuts final.pt back to stage 2's weights, every tensor as stage 2 saved it (final.pt in
     fp32 here), classification's own output rows put back to the run's initial draw (stage 1 decays them by
     a factor that only the tool's --row-factor knows: compared at a tolerance that covers it)."""
-    import importlib.util
     import torch
     import helpers as H
-    spec = importlib.util.spec_from_file_location("stage_weights_from_final", ROOT / "tools" / "stage_weights_from_final.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("stage_weights_from_final")
     root = H.make_synthetic_dataset(tmp_path / "data", n_train=8, n_val=4)
     cfg = H.make_config("smoke", out_dir=str(tmp_path / "run"), data_root=str(root), batch_size=4,
                         epochs={"seg": 1, "det": 1, "cls": 1}, probe_epochs={"det": 0, "cls": 1},
@@ -269,12 +271,9 @@ def test_agreement_is_zero_against_itself_and_grows_with_a_moved_head(tmp_path, 
     """tools/agreement.py: a model against itself agrees on every image with zero KL and zero heatmap difference;
     a copy whose classification rows moved disagrees (KL > 0); detection read on classification images at the
     detection size; the record lists one row per model; val of the task itself is refused as --images."""
-    import importlib.util
     import helpers as H
 
-    spec = importlib.util.spec_from_file_location("agreement", ROOT / "tools" / "agreement.py")
-    agreement = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(agreement)
+    agreement = load_tool("agreement")
     cfg = H.make_config("smoke", image_size=96)
     data = H.load_all(synthetic_root, verbose=False)
     same = H.initial_model(cfg)
@@ -314,12 +313,9 @@ def test_agreement_against_the_imagenet_teacher(tmp_path, synthetic_root):
     """tools/agreement.py --reference imagenet: the reference is the backbone's ImageNet classifier (its logits of the
     10 classes, averaged with its mirror image's under the flip test), its top-1 the record's reference_top1;
     detection has no such reference."""
-    import importlib.util
     import helpers as H
 
-    spec = importlib.util.spec_from_file_location("agreement", ROOT / "tools" / "agreement.py")
-    agreement = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(agreement)
+    agreement = load_tool("agreement")
     cfg = H.make_config("smoke", image_size=96)
     data = H.load_all(synthetic_root, verbose=False)
     model = H.initial_model(cfg)
