@@ -121,18 +121,21 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("--images names the task's own val: compare on images outside val")
     if args.reference == IMAGENET_REFERENCE and args.task != "cls":
         raise SystemExit("--reference imagenet is the ImageNet classifier: it gives classification outputs only")
-    reference, cfg, _ = H.load_checkpoint(args.models[0] if args.reference == IMAGENET_REFERENCE else args.reference,
-                                          "cpu")
+    imagenet = args.reference == IMAGENET_REFERENCE
+    # the config (sizes, flip test) is the reference's, or with the ImageNet teacher the first model's: loaded once
+    first = H.load_checkpoint(args.models[0], "cpu") if imagenet else None
+    reference, cfg, _ = first or H.load_checkpoint(args.reference, "cpu")
     data = H.load_all(args.data_root, [image_task], (split,), verbose=False)[image_task][split]
     batches = image_batches(data, cfg, args.task)
-    if args.reference == IMAGENET_REFERENCE:
+    if imagenet:
         reference = H.ImageNetTeacher(cfg.backbone, cfg.backbone_weights, data.class_names)
         reference_outputs = imagenet_outputs(reference, batches, flip_test=cfg.flip_test)
     else:
         reference_outputs = task_outputs(reference, batches, flip_test=cfg.flip_test)  # once, for every model
     rows = []
-    for path in args.models:
-        outputs = task_outputs(H.load_checkpoint(path, "cpu")[0], batches, flip_test=cfg.flip_test)
+    for k, path in enumerate(args.models):
+        model = first[0] if first and k == 0 else H.load_checkpoint(path, "cpu")[0]
+        outputs = task_outputs(model, batches, flip_test=cfg.flip_test)
         row = {"model": path, **disagreement(outputs, reference_outputs, batches, args.task,
                                              det_kd_conf=cfg.det_kd_conf)}
         print(json.dumps(row))

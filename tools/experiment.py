@@ -163,12 +163,11 @@ def folder_records(folder: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
 
 
-def agreement_table(folder: Path) -> str:
-    """The folder's agreement records (tools/agreement.py): each model's distance from a reference model's outputs
-    on images outside val; '' when it has none."""
-    records = [r for r in folder_records(folder) if "rows" in r]
+def agreement_table(records: list[dict]) -> str:
+    """A folder's agreement records (`folder_records`; tools/agreement.py): each model's distance from a reference
+    model's outputs on images outside val; '' when it has none."""
     lines = []
-    for r in records:
+    for r in (r for r in records if "rows" in r):
         keys = [k for k in r["rows"][0] if k not in ("model", "images")]
         lines += [f"Agreement `{r['name']}` ({r['task']} outputs against {r['reference']}, {r['rows'][0]['images']} "
                   f"images {r['images']} of {r['data_root']}, {r['date']}):", "",
@@ -178,8 +177,9 @@ def agreement_table(folder: Path) -> str:
     return "\n".join(lines)
 
 
-def table(folder: Path) -> str:
-    rows = [r for r in folder_records(folder) if "metrics" in r]
+def table(records: list[dict]) -> str:
+    """The Markdown table of a folder's experiment records (`folder_records`)."""
+    rows = [r for r in records if "metrics" in r]
     rows.sort(key=lambda r: (r["task"], r.get("date", ""), r["name"]))
     present = [(k, t) for k, t in COLUMNS if any(k in r["metrics"] for r in rows)]
     lines = ["| experiment | changes | seed | " + " | ".join(t for _, t in present)
@@ -465,8 +465,9 @@ def write_readme(root: Path) -> Path:
         elif (sub / "README.md").is_file():
             runs.append(sub)
     for sub in records:
-        lines += [f"## {sub.name}", "", SECTIONS.get(sub.name, ""), "", table(sub), ""]
-        agreements = agreement_table(sub)
+        folder = folder_records(sub)  # read once for both tables
+        lines += [f"## {sub.name}", "", SECTIONS.get(sub.name, ""), "", table(folder), ""]
+        agreements = agreement_table(folder)
         if agreements:
             lines.append(agreements)
     if runs:
@@ -512,7 +513,7 @@ def main(argv=None) -> None:
     p.add_argument("--readme", metavar="ROOT", help="write ROOT/README.md with the table of every subfolder and exit")
     args = p.parse_args(argv)
     if args.table:
-        print(table(Path(args.table)), end="")
+        print(table(folder_records(Path(args.table))), end="")
         return
     if args.readme:
         print(write_readme(Path(args.readme)))
